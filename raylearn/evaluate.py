@@ -1,0 +1,49 @@
+"""Ray tasks used by the loop: test-split evaluation and features of labelled cases.
+
+Each task opens the pool store itself (it pickles by path) and loads the checkpoint once per call,
+so only case ids and compact results cross the object store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import ray
+
+
+def _load(checkpoint: str):
+    from raylearn.models import load_segmenter
+
+    return load_segmenter(checkpoint)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True) -> list[dict]:
+    """Predict and score ``ids`` against their ground truth: one metrics row per case."""
+    import torch
+
+    from raylearn.metrics import evaluate_case
+
+    torch.set_num_threads(1)
+    seg = _load(checkpoint)
+    rows = []
+    for cid in ids:
+        case = store.get(cid)
+        pred = seg.predict_label(np.asarray(case.image))
+        row = evaluate_case(pred, np.asarray(case.label), case.spacing, store.num_classes,
+                            hd95=hd95)
+        rows.append({"case_id": cid, **row})
+    return rows
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def features_for(store, checkpoint: str, ids: Sequence[str], names: Sequence[str], params) -> dict[str, dict]:
+    """``compute_features`` for a few cases outside the sharded pool (the labelled ones)."""
+    import torch
+
+    from raylearn.scoring.features import compute_features
+
+    torch.set_num_threads(1)
+    seg = _load(checkpoint)
+    return {cid: compute_features(seg, np.asarray(store.get(cid).image), list(names), params) for cid in ids}

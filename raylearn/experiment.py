@@ -1,0 +1,151 @@
+"""The experiment YAML schema (``raylearn run experiment.yaml``).
+
+Example (the "From Prediction to Prompt" schedule: 5 % random cold start, then 10 rounds x 5 volumes)::
+
+    name: p2p-least-confidence
+    seed: 0
+    output_dir: runs/p2p
+    data: {dataset: ../shared/data/msd_hippocampus, n_test: 40}
+    cold_start: {strategy: random, fraction: 0.05}
+    strategy: {name: least_confidence}
+    schedule: {rounds: 10, batch_size: 5}
+    model: {backend: monai_unet}
+    train: {epochs: 10, iterations_per_epoch: 20}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
+from raylearn.data.preprocess import PreprocessConfig
+from raylearn.models.config import ModelConfig, TrainConfig
+from raylearn.pool_config import PoolConfig
+from raylearn.scoring.features import FeatureParams
+
+__all__ = ["ExperimentConfig", "load_experiment", "DataConfig", "ScheduleConfig", "StrategyConfig"]
+
+
+class PhantomConfig(StrictModel):
+    """The embedded default data: generated phantoms (see ``raylearn.data.phantom``)."""
+
+    n_cases: int = Field(60, ge=4)
+    shape: tuple[int, int, int] = (48, 48, 48)
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """Where the cases come from and how they are split.
+
+    ``dataset`` is a dataset folder (MSD / nnU-Net raw / image-label folder) or ``phantom`` for the
+    generated default. The pool store is written to ``store`` (default ``<output_dir>/store``) on
+    first use and re-used afterwards.
+    """
+
+    dataset: str = "phantom"
+    store: str | None = None
+    phantom: PhantomConfig = PhantomConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    n_test: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class StrategyConfig(StrictModel):
+    """A registered query strategy and its keyword hyperparameters (``random_state`` is set per round)."""
+
+    name: str = "random"
+    params: dict[str, Any] = {}
+
+
+class ColdStartConfig(StrictModel):
+    """Round 0: ``size`` cases, or ``fraction`` of the pool (at least 1), chosen by ``strategy``."""
+
+    strategy: str = "random"
+    params: dict[str, Any] = {}
+    size: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ColdStartConfig:
+        if self.size is None and self.fraction is None:
+            self.__dict__["size"] = 5
+        if self.size is not None and self.fraction is not None:
+            raise ValueError("give either size or fraction, not both")
+        return self
+
+
+class ScheduleConfig(StrictModel):
+    """How long the run lasts: ``rounds`` query rounds of ``batch_size`` cases after the cold start,
+    stopping early when ``max_labeled`` cases or ``max_fraction`` of the pool are labelled."""
+
+    rounds: int = Field(5, ge=0)
+    batch_size: int = Field(5, ge=1)
+    max_labeled: int | None = Field(None, ge=1)
+    max_fraction: float | None = Field(None, gt=0, le=1)
+
+
+class EvaluateConfig(StrictModel):
+    """Evaluation on the test split after every round."""
+
+    hd95: bool = True
+    full_data_reference: bool = False
+    max_test_cases: int | None = Field(None, ge=1)
+
+
+class ExperimentConfig(StrictModel):
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    data: DataConfig = DataConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    features: FeatureParams = FeatureParams()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pool: PoolConfig = PoolConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    oracle: Literal["simulated"] = "simulated"
+
+    @model_validator(mode="after")
+    def _check_strategies(self) -> ExperimentConfig:
+        from raylearn.strategies import build_strategy
+
+        for where, name, params in (("strategy", self.strategy.name, self.strategy.params),
+                                    ("cold_start", self.cold_start.strategy, self.cold_start.params)):
+            try:
+                build_strategy(name, **params)
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{where}: {err}") from None
+        return self
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``overrides`` maps dotted keys to values."""
+    data = load_yaml(path) or {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_config(data, ExperimentConfig, source=str(path))
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Return a deep copy of ``data`` with ``{"a.b.c": v}`` set (creating mappings on the way)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{dotted}: {part} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,298 @@
+"""MONAI 3D U-Net backend: network construction, sliding-window inference, MC dropout, embeddings, checkpoints.
+
+Training helpers (patch sampling, loss, schedule, epoch loop, validation) live in
+:mod:`raylearn.models.training`; Ray Train drives them from :mod:`raylearn.train`.
+
+Shapes: an image is ``float32 [C, D, H, W]``; probabilities ``float32 [K, D, H, W]``; a label map
+``uint8 [D, H, W]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylearn.config import ConfigError, parse_config
+from raylearn.models.base import Segmenter
+from raylearn.models.config import ModelConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "MonaiSegmenter", "build_network", "bottleneck_module", "default_device"]
+
+logger = logging.getLogger(__name__)
+
+#: tag stored in every checkpoint written by :meth:`MonaiSegmenter.save`
+CHECKPOINT_FORMAT = "raylearn.monai_segmenter/1"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The MONAI network described by ``cfg``: ``[B, in_channels, D, H, W] -> logits [B, num_classes, D, H, W]``."""
+    from monai.networks.nets import DynUNet, UNet
+
+    if cfg.arch == "unet":
+        return UNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            channels=tuple(cfg.channels),
+            strides=tuple(cfg.strides),
+            kernel_size=cfg.kernel_size,
+            up_kernel_size=cfg.kernel_size,
+            num_res_units=cfg.num_res_units,
+            norm=cfg.norm,
+            dropout=cfg.dropout,
+        )
+    n = len(cfg.channels)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        kernel_size=[cfg.kernel_size] * n,
+        strides=[1, *cfg.strides],
+        upsample_kernel_size=list(cfg.strides),
+        filters=list(cfg.channels),
+        dropout=cfg.dropout if cfg.dropout > 0 else None,
+        norm_name=cfg.norm,
+        res_block=cfg.num_res_units > 0,
+    )
+
+
+def bottleneck_module(net: nn.Module) -> nn.Module:
+    """The deepest block of a MONAI ``UNet`` or ``DynUNet`` (its output is the bottleneck feature map)."""
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    net = getattr(net, "module", net)  # unwrap DistributedDataParallel
+    if hasattr(net, "bottleneck"):  # DynUNet
+        return net.bottleneck
+    seq = net.model  # UNet: Sequential(down, SkipConnection(Sequential(down, SkipConnection(...), up)), up)
+    while True:
+        skip = seq[1]
+        if not isinstance(skip, SkipConnection):
+            raise TypeError(f"unexpected MONAI UNet layout at {type(skip).__name__}")
+        sub = skip.submodule
+        if isinstance(sub, nn.Sequential) and len(sub) == 3 and isinstance(sub[1], SkipConnection):
+            seq = sub
+            continue
+        return sub
+
+
+class _StopForward(Exception):
+    """Raised by the embedding hook to skip the decoder once the bottleneck is computed."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__("bottleneck reached")
+        self.features = features
+
+
+class MonaiSegmenter(Segmenter):
+    """A MONAI UNet/DynUNet segmenter with sliding-window inference.
+
+    Args:
+        cfg: network and inference settings (``backend`` must be ``"monai_unet"``).
+        in_channels: image channels ``C``.
+        num_classes: output classes ``K`` including background.
+        seed: seeds the weight initialisation (deterministic network for a seed).
+        device: torch device; default CUDA when available, else CPU.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ):
+        self.cfg = cfg if cfg is not None else ModelConfig()
+        if self.cfg.backend != "monai_unet":
+            raise ConfigError(f"model.backend: MonaiSegmenter needs 'monai_unet', got {self.cfg.backend!r}")
+        if in_channels < 1 or num_classes < 2:
+            raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels} and {num_classes}")
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device) if device is not None else default_device()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network = build_network(self.cfg, self.in_channels, self.num_classes)
+        self.network.to(self.device).eval()
+
+    # ------------------------------------------------------------------ inference
+    def inferer(self):
+        """MONAI sliding-window inferer over ``patch_size`` windows with gaussian (or constant) blending."""
+        from monai.inferers import SlidingWindowInferer
+
+        return SlidingWindowInferer(
+            roi_size=tuple(self.cfg.patch_size),
+            sw_batch_size=self.cfg.sw_batch_size,
+            overlap=self.cfg.sw_overlap,
+            mode=self.cfg.sw_mode,
+            padding_mode="constant",
+        )
+
+    def _as_input(self, image: np.ndarray) -> torch.Tensor:
+        """Validate ``image [C,D,H,W]`` and return a ``[1,C,D,H,W]`` float32 tensor on the device."""
+        arr = np.asarray(image)
+        if arr.ndim != 4 or arr.shape[0] != self.in_channels:
+            raise ValueError(f"image must be [C={self.in_channels}, D, H, W], got shape {tuple(arr.shape)}")
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))[None].to(self.device)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inferer()(x, self.network)
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """Softmax probabilities ``float32 [K, D, H, W]`` (sums to 1 over K) by sliding-window inference."""
+        x = self._as_input(image)
+        self.network.eval()
+        with torch.no_grad():
+            probs = torch.softmax(self._logits(x).float(), dim=1)[0]
+        return probs.cpu().numpy().astype(np.float32, copy=False)
+
+    def predict_mc(self, image: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
+        """MC-dropout samples ``float32 [T, K, D, H, W]``: dropout active, normalisation in eval mode.
+
+        Deterministic for a ``seed``; the global torch RNG is left untouched. Raises ``NotImplementedError``
+        when the network was built with ``dropout == 0`` (all samples would be identical).
+        """
+        if self.cfg.dropout <= 0:
+            raise NotImplementedError("MonaiSegmenter was built with dropout=0: MC-dropout needs model.dropout > 0")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        x = self._as_input(image)
+        self.network.eval()
+        drops = [m for m in self.network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        out = []
+        try:
+            for m in drops:
+                m.train()
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(seed)
+                for _ in range(n_samples):
+                    out.append(torch.softmax(self._logits(x).float(), dim=1)[0].cpu())
+        finally:
+            self.network.eval()
+        return torch.stack(out).numpy().astype(np.float32, copy=False)
+
+    def embed(self, image: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Globally pooled bottleneck features ``float32 [F]`` (``F = channels[-1]``).
+
+        The whole image (zero-padded to a multiple of the total down-sampling) goes through the encoder;
+        the decoder is skipped. With ``weights [D, H, W]`` (e.g. a voxel uncertainty map, >= 0) the pooling
+        is a weighted mean, the weights resized (area-averaged) to the bottleneck grid; all-zero weights fall
+        back to the plain mean.
+        """
+        x = self._as_input(image)
+        factor = int(np.prod(self.cfg.strides))
+        pads = [(-s) % factor for s in x.shape[2:]]
+        x = F.pad(x, [0, pads[2], 0, pads[1], 0, pads[0]])
+        block = bottleneck_module(self.network)
+
+        def hook(_module, _inp, output):
+            raise _StopForward(output)
+
+        handle = block.register_forward_hook(hook)
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                self.network(x)
+            raise RuntimeError("bottleneck hook did not fire")  # pragma: no cover
+        except _StopForward as stop:
+            feats = stop.features.float()[0]  # [F, d, h, w]
+        finally:
+            handle.remove()
+        if weights is None:
+            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
+        w = np.asarray(weights, dtype=np.float32)
+        if w.shape != tuple(image.shape[1:]):
+            raise ValueError(f"weights must be [D, H, W] = {tuple(image.shape[1:])}, got {w.shape}")
+        if np.any(w < 0) or not np.all(np.isfinite(w)):
+            raise ValueError("weights must be finite and >= 0")
+        wt = F.pad(torch.from_numpy(w)[None, None], [0, pads[2], 0, pads[1], 0, pads[0]])
+        wt = F.interpolate(wt, size=tuple(feats.shape[1:]), mode="area")[0, 0].to(feats.device)
+        total = wt.sum()
+        if total <= 0:
+            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
+        pooled = (feats * wt[None]).sum(dim=(1, 2, 3)) / total
+        return pooled.cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The network weights (CPU tensors)."""
+        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load network weights; a ``module.`` prefix (from DDP) is stripped. Mismatches raise ``ValueError``."""
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            self.network.load_state_dict(state, strict=strict)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[:3]
+            raise ValueError("checkpoint weights do not fit this network: " + " | ".join(first)) from None
+
+    def to_checkpoint(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The in-memory checkpoint dictionary :meth:`save` writes."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.cfg.model_dump(mode="json"),
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "state_dict": self.state_dict(),
+            "extra": dict(extra or {}),
+        }
+
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write a single-file checkpoint (config + weights + shapes); returns the path written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.to_checkpoint(extra), tmp)
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def read_checkpoint(path: str | Path) -> dict[str, Any]:
+        """Read and validate a checkpoint file written by :meth:`save` (raises ``ValueError`` naming the file)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a raylearn MONAI checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        missing = [k for k in ("model_config", "in_channels", "num_classes", "state_dict") if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks keys {missing}")
+        return ckpt
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], device: str | torch.device | None = None) -> MonaiSegmenter:
+        """Rebuild a segmenter from a checkpoint dictionary (see :meth:`to_checkpoint`)."""
+        cfg = parse_config(ckpt["model_config"], ModelConfig, source="checkpoint model_config")
+        seg = cls(cfg, in_channels=int(ckpt["in_channels"]), num_classes=int(ckpt["num_classes"]), device=device)
+        seg.load_state_dict(ckpt["state_dict"])
+        return seg
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> MonaiSegmenter:
+        """Restore a segmenter written by :meth:`save` (identical predictions)."""
+        return cls.from_checkpoint(cls.read_checkpoint(path), device=device)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.network.parameters())
+        return (
+            f"MonaiSegmenter(arch={self.cfg.arch}, channels={list(self.cfg.channels)}, in_channels={self.in_channels}, "
+            f"num_classes={self.num_classes}, params={n}, device={self.device})"
+        )

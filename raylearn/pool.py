@@ -1,0 +1,392 @@
+"""The unlabeled pool, sharded over Ray actors: parallel, fault-tolerant feature scoring.
+
+Each :class:`PoolShard` actor memory-maps only its own cases from the :class:`~raylearn.data.store.PoolStore`
+and keeps them resident; per round the driver ``ray.put``s the checkpoint once, every shard loads the
+segmenter (cached by checkpoint hash), runs :func:`raylearn.scoring.features.compute_features` on each of
+its cases and returns compact per-case results (scalars, small vectors, float16 embeddings), never voxel
+maps. :class:`ShardedPool` is the driver side::
+
+    pool = ShardedPool(store, config=PoolConfig(num_cpus=0.5))
+    scores = pool.score(segmenter_or_checkpoint, ["least_confidence_mean", "embedding"], FeatureParams())
+    PoolView(ids=scores["ids"], labeled_mask=..., features=scores["features"])
+    pool.mark_labeled(selected_ids)
+
+Fault tolerance: shard actors run with Ray ``max_restarts`` / ``max_task_retries``. A restarted actor
+re-opens the store from its constructor arguments, and every scoring call carries the ids the shard is
+responsible for *now* (the driver remembers removals), so an interrupted call that Ray retries on the
+restarted actor re-loads exactly the right cases. A shard that stays dead has its cases balanced onto the
+survivors (or a replacement actor). The driver checks that a round covers every pool case exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import importlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from raylearn.pool_config import PoolConfig
+
+__all__ = ["PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MAX_ELEMENTS_PER_CASE"]
+
+log = logging.getLogger(__name__)
+
+#: a per-case feature with more elements than this is a voxel map, not a compact result
+MAX_ELEMENTS_PER_CASE = 4096
+_ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class PoolError(RuntimeError):
+    """The pool cannot do what was asked (unknown case ids, lost shards, incomplete coverage)."""
+
+
+def balance(sizes: Sequence[float], n: int, loads: Sequence[float] | None = None) -> list[list[int]]:
+    """Assign items to ``n`` bins, largest first into the least-loaded bin (LPT greedy).
+
+    Args:
+        sizes: item sizes (e.g. voxel counts), length N, non-negative.
+        n: number of bins (shards), ``>= 1``.
+        loads: optional starting load of each bin (length n), e.g. what surviving shards already hold.
+
+    Returns:
+        ``n`` lists of item indices into ``sizes`` (each sorted ascending); every index appears exactly
+        once. Ties go to the lowest bin index, so the result is deterministic.
+    """
+    if n < 1:
+        raise ValueError(f"balance: n must be >= 1, got {n}")
+    start = [0.0] * n if loads is None else [float(x) for x in loads]
+    if len(start) != n:
+        raise ValueError(f"balance: loads has length {len(start)}, expected {n}")
+    heap = [(load, b) for b, load in enumerate(start)]
+    heapq.heapify(heap)
+    bins: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(sizes)), key=lambda k: (-float(sizes[k]), k)):
+        if sizes[i] < 0:
+            raise ValueError(f"balance: size of item {i} is negative ({sizes[i]})")
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (load + float(sizes[i]), b))
+    return [sorted(b) for b in bins]
+
+
+def _load_class(qualified: str) -> type:
+    module, _, name = qualified.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _compact(name: str, value: Any, case_id: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.size > MAX_ELEMENTS_PER_CASE:
+        raise PoolError(
+            f"feature {name!r} of case {case_id!r} has shape {arr.shape} ({arr.size} elements > "
+            f"{MAX_ELEMENTS_PER_CASE}); shards return compact per-case results, not voxel maps"
+        )
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return arr
+
+
+@ray.remote
+class PoolShard:
+    """One shard of the unlabeled pool: holds its cases resident and scores them.
+
+    Args:
+        store: the pool store (or its path); pickled cheaply, re-opened here.
+        case_ids: the cases this shard holds at start (a restarted actor re-loads these).
+        index: shard number (for logs and state).
+        torch_threads: intra-op threads of torch in this actor.
+        prefault: read every case once at load so its pages are resident.
+        _crash_dir: TEST HOOK. When ``<_crash_dir>/shard<index>`` exists during scoring, the actor removes
+            it and exits the process after its first case (a crash mid-scoring, exactly once).
+    """
+
+    def __init__(self, store: Any, case_ids: Sequence[str], index: int = 0, torch_threads: int = 1,
+                 prefault: bool = True, _crash_dir: str | None = None) -> None:
+        import torch
+
+        from raylearn.data.store import PoolStore
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.index = index
+        self._store = store if isinstance(store, PoolStore) else PoolStore.open(store)
+        self._prefault = prefault
+        self._crash_dir = _crash_dir
+        self._cases: dict[str, Any] = {}
+        self._segmenter: tuple[str, Any] | None = None
+        self._started = time.time()
+        self._load(case_ids)
+
+    # -- residency --------------------------------------------------------------------------------
+    def _load(self, ids: Iterable[str]) -> None:
+        for cid in ids:
+            if cid in self._cases:
+                continue
+            case = self._store.get(cid)
+            if self._prefault:  # fault the memory-mapped pages in now, not during the first scoring
+                float(np.asarray(case.image, dtype=np.float32).sum(dtype=np.float64))
+            self._cases[cid] = case
+
+    def hold(self, ids: Sequence[str], release_others: bool = True) -> int:
+        """Make the resident set ``ids`` (loading missing cases; releasing the rest unless told not to)."""
+        if release_others:
+            keep = set(ids)
+            for cid in [c for c in self._cases if c not in keep]:
+                del self._cases[cid]
+        self._load(ids)
+        return len(self._cases)
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Release cases that left the pool (labelled). Unknown ids are ignored. Returns cases left."""
+        for cid in ids:
+            self._cases.pop(cid, None)
+        return len(self._cases)
+
+    def state(self) -> dict[str, Any]:
+        """``{shard, pid, node_id, ids, n_cases, bytes_resident, rss_bytes, uptime_s, segmenter_hash}``."""
+        import psutil
+
+        return {
+            "shard": self.index,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ids": sorted(self._cases),
+            "n_cases": len(self._cases),
+            "bytes_resident": int(sum(self._store.nbytes(c) for c in self._cases)),
+            "rss_bytes": int(psutil.Process().memory_info().rss),
+            "uptime_s": time.time() - self._started,
+            "segmenter_hash": self._segmenter[0] if self._segmenter else None,
+        }
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def _get_segmenter(self, ckpt: list, ckpt_hash: str, segmenter_cls: str) -> tuple[Any, float]:
+        if self._segmenter is not None and self._segmenter[0] == ckpt_hash:
+            return self._segmenter[1], 0.0
+        t0 = time.perf_counter()
+        self._segmenter = None  # drop the old model before loading the next
+        blob = ckpt[0] if isinstance(ckpt[0], bytes | bytearray) else ray.get(ckpt[0])
+        cls = _load_class(segmenter_cls)
+        with tempfile.TemporaryDirectory(prefix="raylearn-shard-") as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            path.write_bytes(blob)
+            seg = cls.load(path)
+        if ray.get_gpu_ids() and hasattr(seg, "to"):
+            seg.to("cuda")
+        self._segmenter = (ckpt_hash, seg)
+        return seg, time.perf_counter() - t0
+
+    def score(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, feature_names: Sequence[str],
+              params: Any, ids: Sequence[str] | None = None, release_others: bool = True) -> dict[str, Any]:
+        """Score cases with the checkpoint; see :meth:`ShardedPool.score`.
+
+        Args:
+            ckpt: ``[ObjectRef]`` (or ``[bytes]``) of the checkpoint file's bytes; nested in a list so Ray
+                does not fetch it when the shard already has this checkpoint loaded.
+            ckpt_hash: sha256 of the checkpoint bytes (the cache key).
+            segmenter_cls: ``"module:QualName"`` of the :class:`~raylearn.models.base.Segmenter` to load.
+            feature_names: names from ``raylearn.scoring.features.FEATURES``.
+            params: a ``FeatureParams``.
+            ids: the cases to score (default: all held). They are loaded from the store if not resident.
+            release_others: release held cases not in ``ids`` (the driver's assignment is authoritative).
+
+        Returns:
+            ``{"shard", "ids": list[str] (N), "features": {name: array [N, ...]}, "load_s", "score_s", "pid"}``.
+        """
+        from raylearn.scoring.features import compute_features
+
+        ids = sorted(self._cases) if ids is None else list(ids)
+        self.hold(ids, release_others=release_others)
+        seg, load_s = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
+        t0 = time.perf_counter()
+        rows: dict[str, list[np.ndarray]] = {}
+        for k, cid in enumerate(ids):
+            feats = compute_features(seg, np.asarray(self._cases[cid].image), list(feature_names), params)
+            if k == 0:
+                rows = {name: [] for name in feats}
+                self._maybe_crash()
+            elif set(feats) != set(rows):
+                raise PoolError(f"compute_features returned keys {sorted(feats)} for {cid!r}, "
+                                f"expected {sorted(rows)}")
+            for name, value in feats.items():
+                rows[name].append(_compact(name, value, cid))
+        features = {name: np.stack(vals) for name, vals in rows.items()}
+        return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
+                "score_s": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _maybe_crash(self) -> None:
+        if self._crash_dir is None:
+            return
+        marker = Path(self._crash_dir) / f"shard{self.index}"
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return
+        log.warning("shard %d: crash hook fired, exiting", self.index)
+        os._exit(1)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _voxel_counts(store: Any, ids: Sequence[str]) -> list[float]:
+    """Voxel count per case from the manifest (``shape`` column or D/H/W columns), else bytes stored."""
+    man = getattr(store, "manifest", None)
+    try:
+        table = man.set_index("case_id")
+        if "shape" in table.columns:
+            return [float(np.prod(table.at[c, "shape"])) for c in ids]
+        cols = [c for c in ("D", "H", "W") if c in table.columns]
+        if len(cols) == 3:
+            return [float(np.prod([table.at[c, k] for k in cols])) for c in ids]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        pass
+    return [float(store.nbytes(c)) for c in ids]
+
+
+class ShardedPool:
+    """Driver side of the sharded pool: creates the shard actors, scores rounds, tracks labelled cases.
+
+    Args:
+        store: a :class:`~raylearn.data.store.PoolStore` or its path.
+        n_shards: number of shard actors; default ``config.n_shards``, else the GPUs in the Ray cluster,
+            else its CPUs (never more than the number of cases).
+        resources_per_shard: ``{"num_cpus": x, "num_gpus": y}`` overriding ``config``.
+        case_ids: the pool (default ``store.case_ids("pool")``).
+        config: a :class:`PoolConfig` (restarts, retries, threads, progress).
+        _crash_dir: TEST HOOK forwarded to the shards (see :class:`PoolShard`).
+
+    Raises:
+        PoolError: Ray is not initialised, the pool is empty, or ``case_ids`` names cases not in the store.
+    """
+
+    DEFAULT_SEGMENTER = "raylearn.models.unet:MonaiSegmenter"
+
+    def __init__(self, store: Any, n_shards: int | None = None, resources_per_shard: Mapping[str, float] | None = None,
+                 case_ids: Sequence[str] | None = None, config: PoolConfig | None = None,
+                 _crash_dir: str | None = None) -> None:
+        from raylearn.data.store import PoolStore
+
+        if not ray.is_initialized():
+            raise PoolError("ShardedPool needs a running Ray instance: call ray.init() (or ray.init(address=...)) first")
+        self.config = cfg = config or PoolConfig()
+        self.store = store if isinstance(store, PoolStore) else PoolStore.open(store)
+        known = set(self.store.case_ids())
+        ids = sorted(self.store.case_ids("pool") if case_ids is None else dict.fromkeys(case_ids))
+        missing = [c for c in ids if c not in known]
+        if missing:
+            raise PoolError(f"{len(missing)} case id(s) not in the store {getattr(self.store, 'path', '')}: {missing[:5]}")
+        if not ids:
+            raise PoolError("the pool is empty: no case ids to shard")
+        res = ray.cluster_resources()
+        n = n_shards or cfg.n_shards or int(res.get("GPU", 0)) or max(1, int(res.get("CPU", 1)))
+        n = min(n, len(ids))
+        rps = dict(resources_per_shard or {})
+        unknown = set(rps) - {"num_cpus", "num_gpus"}
+        if unknown:
+            raise PoolError(f"resources_per_shard: unknown key(s) {sorted(unknown)} (allowed: num_cpus, num_gpus)")
+        num_gpus = rps.get("num_gpus", cfg.num_gpus)
+        self._resources = {"num_cpus": float(rps.get("num_cpus", cfg.num_cpus)),
+                           "num_gpus": float((1 if res.get("GPU", 0) else 0) if num_gpus is None else num_gpus)}
+        self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
+        self._crash_dir = _crash_dir
+        self._all_ids = set(ids)
+        self._sizes = dict(zip(ids, _voxel_counts(self.store, ids), strict=True))
+        self._actors: dict[int, Any] = {}
+        self._assign: dict[int, list[str]] = {}
+        self._pids: dict[int, int] = {}
+        self._next_index = 0
+        self._ckpt: tuple[str, Any] | None = None
+        self.last_stats: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for members in balance([self._sizes[c] for c in ids], n):
+            self._spawn([ids[k] for k in members])
+        self._pids = dict(zip(self._actors, ray.get([a.ping.remote() for a in self._actors.values()]), strict=True))
+        self.startup_s = time.perf_counter() - t0
+        log.info("pool: %d cases on %d shards (%s each), up in %.1f s", len(ids), n, self._resources, self.startup_s)
+
+    def _spawn(self, ids: list[str]) -> int:
+        i, self._next_index = self._next_index, self._next_index + 1
+        opts = dict(self._resources, max_restarts=self.config.max_restarts,
+                    max_task_retries=self.config.max_task_retries)
+        self._actors[i] = PoolShard.options(**opts).remote(
+            self.store, ids, i, self._threads, self.config.prefault, self._crash_dir)
+        self._assign[i] = list(ids)
+        return i
+
+    # -- public API -------------------------------------------------------------------------------
+    @property
+    def n_shards(self) -> int:
+        return len(self._actors)
+
+    def unlabeled_ids(self) -> list[str]:
+        """The case ids still in the pool, sorted."""
+        return sorted(c for ids in self._assign.values() for c in ids)
+
+    def assignment(self) -> dict[int, list[str]]:
+        """Driver-side record: shard index -> case ids it is responsible for."""
+        return {i: sorted(ids) for i, ids in self._assign.items()}
+
+    def mark_labeled(self, ids: Iterable[str]) -> None:
+        """Remove labelled cases from the pool and from their shards (already-removed ids are ignored).
+
+        Raises:
+            PoolError: an id was never part of this pool.
+        """
+        ids = set(ids)
+        unknown = sorted(ids - self._all_ids)
+        if unknown:
+            raise PoolError(f"mark_labeled: {len(unknown)} id(s) were never in the pool: {unknown[:5]}")
+        calls = []
+        for i, held in self._assign.items():
+            gone = [c for c in held if c in ids]
+            if gone:
+                self._assign[i] = [c for c in held if c not in ids]
+                calls.append(self._actors[i].remove.remote(gone))
+        try:
+            ray.get(calls)
+        except _ACTOR_ERRORS as err:  # the driver's record wins; the next score call re-syncs the shard
+            log.warning("pool: a shard was unavailable during removal (%s); it re-syncs on the next score", err)
+
+    def shards_state(self) -> list[dict[str, Any]]:
+        """Per shard: the actor's :meth:`PoolShard.state` plus ``assigned`` (driver record), ``in_sync``, ``alive``."""
+        refs = {i: a.state.remote() for i, a in self._actors.items()}
+        out = []
+        for i, ref in refs.items():
+            try:
+                st = dict(ray.get(ref), alive=True)
+            except _ACTOR_ERRORS as err:
+                st = {"shard": i, "alive": False, "error": str(err).splitlines()[0], "ids": []}
+            st["assigned"] = sorted(self._assign[i])
+            st["in_sync"] = st["alive"] and st["ids"] == st["assigned"]
+            out.append(st)
+        return out
+
+    def sync(self) -> None:
+        """Re-send every shard its assignment (e.g. after an actor restarted with its initial cases)."""
+        ray.get([self._actors[i].hold.remote(ids) for i, ids in self._assign.items()])
+
+    def shutdown(self) -> None:
+        """Kill the shard actors (idempotent)."""
+        for a in self._actors.values():
+            ray.kill(a, no_restart=True)
+        self._actors.clear()
+        self._assign.clear()
+        self._ckpt = None
+
+    def __enter__(self) -> ShardedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

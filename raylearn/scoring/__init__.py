@@ -1,0 +1,29 @@
+"""raylearn.scoring: pure score functions (voxel maps, volume reductions) and per-case features. No Ray."""
+
+from raylearn.scoring.reduce import REDUCTIONS, foreground_volume, reduce_map, topk_count, weighted_pool
+from raylearn.scoring.uncertainty import (
+    bald,
+    entropy,
+    least_confidence,
+    least_confidence_paper,
+    margin,
+    mc_variance,
+    predictive_entropy,
+    tta_variance,
+)
+
+__all__ = [
+    "REDUCTIONS",
+    "bald",
+    "entropy",
+    "foreground_volume",
+    "least_confidence",
+    "least_confidence_paper",
+    "margin",
+    "mc_variance",
+    "predictive_entropy",
+    "reduce_map",
+    "topk_count",
+    "tta_variance",
+    "weighted_pool",
+]

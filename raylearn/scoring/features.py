@@ -1,0 +1,195 @@
+"""Per-case features for query strategies, computed from a :class:`~raylearn.models.base.Segmenter`.
+
+:func:`compute_features` computes exactly the requested features with the fewest model calls: one
+``predict_proba`` shared by every probability-derived feature (taken from the identity entry of the TTA stack
+when ``tta_variance`` is requested too), one ``predict_mc`` shared by the MC-dropout features, one
+``predict_tta``, one ``embed`` per embedding kind. Results are compact (never voxel maps):
+
+- scalar scores: ``float32`` 0-d arrays, higher = more uncertain;
+- ``embedding`` / ``weighted_embedding``: ``float16 [F]``;
+- ``fg_volume``: ``float32 [K-1]`` predicted voxels per foreground class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from raylearn.config import StrictModel
+from raylearn.models.base import Segmenter
+from raylearn.scoring import uncertainty as unc
+from raylearn.scoring.reduce import foreground_volume, reduce_map
+
+__all__ = ["FEATURES", "FeatureParams", "FeatureSpec", "compute_features", "model_calls_for", "validate_feature_names"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a feature is and which :class:`Segmenter` methods it needs."""
+
+    description: str
+    calls: frozenset[str]
+    kind: Literal["scalar", "vector"] = "scalar"
+
+
+_P = frozenset({"predict_proba"})
+FEATURES: dict[str, FeatureSpec] = {
+    "least_confidence": FeatureSpec("reduced 1 - max_k p (classic least confidence)", _P),
+    "least_confidence_paper": FeatureSpec(
+        "mean |1 - p| over voxels and classes, as written in From Prediction to Prompt (constant 1-1/K for "
+        "normalised probabilities; kept for reproduction)",
+        _P,
+    ),
+    "entropy": FeatureSpec("reduced voxel entropy of the prediction (nats)", _P),
+    "margin": FeatureSpec("reduced 1 - (p_top1 - p_top2)", _P),
+    "mc_entropy": FeatureSpec("reduced entropy of the mean MC-dropout prediction", frozenset({"predict_mc"})),
+    "bald": FeatureSpec("reduced BALD mutual information over MC-dropout samples", frozenset({"predict_mc"})),
+    "mc_variance": FeatureSpec("reduced class-mean variance over MC-dropout samples", frozenset({"predict_mc"})),
+    "tta_variance": FeatureSpec("reduced class-mean variance over flip TTA predictions", frozenset({"predict_tta"})),
+    "embedding": FeatureSpec("globally pooled encoder features, float16 [F]", frozenset({"embed"}), "vector"),
+    "weighted_embedding": FeatureSpec(
+        "uncertainty-weighted pooled encoder features (SUGFW PGDR), float16 [F]",
+        frozenset({"predict_proba", "embed"}),
+        "vector",
+    ),
+    "fg_volume": FeatureSpec("predicted voxels per foreground class, float32 [K-1]", _P, "vector"),
+}
+
+_PROB = {"least_confidence", "least_confidence_paper", "entropy", "margin", "fg_volume", "weighted_embedding"}
+_MC = {"mc_entropy", "bald", "mc_variance"}
+
+
+class FeatureParams(StrictModel):
+    """How features are computed (the ``scoring`` section of an experiment YAML)."""
+
+    reduction: Literal["mean", "sum", "topk_mean", "foreground", "class_mean"] = "mean"
+    #: ``topk_mean``: fraction in (0, 1) of voxels, or an integral voxel count >= 1
+    topk: float = Field(0.05, gt=0)
+    #: MC-dropout forward passes
+    mc_samples: int = Field(8, ge=2)
+    #: seed of the MC-dropout sampling
+    seed: int = 0
+    #: flip axes of the image ``[C, D, H, W]`` (1 = D, 2 = H, 3 = W); ``[]`` is the identity
+    tta_flips: list[tuple[int, ...]] = Field(default_factory=lambda: [(), (1,), (2,), (3,)], min_length=2)
+    #: voxel map used as pooling weights by ``weighted_embedding``
+    weight_map: Literal["entropy", "least_confidence", "margin"] = "entropy"
+
+    @field_validator("tta_flips")
+    @classmethod
+    def _check_flips(cls, flips: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        for axes in flips:
+            if any(a not in (1, 2, 3) for a in axes) or len(set(axes)) != len(axes):
+                raise ValueError(f"flip axes must be distinct values among 1, 2, 3 (spatial axes), got {list(axes)}")
+        return [tuple(a) for a in flips]
+
+
+def validate_feature_names(names: Iterable[str]) -> list[str]:
+    """Return the unique names in order, or raise ``ValueError`` naming unknown ones and listing the known."""
+    out = list(dict.fromkeys(names))
+    unknown = [n for n in out if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(sorted(FEATURES))}")
+    return out
+
+
+def model_calls_for(names: Iterable[str], params: FeatureParams | None = None) -> dict[str, int]:
+    """The segmenter calls :func:`compute_features` makes for ``names`` (method name -> count)."""
+    names = set(validate_feature_names(names))
+    params = params or FeatureParams()
+    calls: dict[str, int] = {}
+    if names & {"tta_variance"}:
+        calls["predict_tta"] = 1
+    if names & _PROB and not ("predict_tta" in calls and () in params.tta_flips):
+        calls["predict_proba"] = 1
+    if names & _MC:
+        calls["predict_mc"] = 1
+    n_embed = len(names & {"embedding", "weighted_embedding"})
+    if n_embed:
+        calls["embed"] = n_embed
+    return calls
+
+
+def _scalar(x: float) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _check_output(arr: np.ndarray, ndim: int, k: int, spatial: tuple[int, ...], what: str) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.ndim != ndim or arr.shape[ndim - 4] != k or tuple(arr.shape[-3:]) != spatial:
+        raise ValueError(f"segmenter {what} returned shape {arr.shape}; expected {ndim}-d with K={k} and {spatial}")
+    return arr
+
+
+def compute_features(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    names: Iterable[str],
+    params: FeatureParams | None = None,
+) -> dict[str, np.ndarray]:
+    """Compute exactly the requested features of one case.
+
+    Args:
+        segmenter: any :class:`Segmenter` (``predict_proba`` always; ``predict_mc`` / ``predict_tta`` / ``embed``
+            only when a requested feature needs it, see :data:`FEATURES`).
+        image: ``float32 [C, D, H, W]``.
+        names: feature names (keys of :data:`FEATURES`); duplicates are ignored.
+        params: :class:`FeatureParams` (defaults when ``None``).
+
+    Returns:
+        ``{name: array}`` with exactly the requested names: scalars as ``float32`` 0-d arrays, embeddings
+        ``float16 [F]``, ``fg_volume`` ``float32 [K-1]``.
+    """
+    wanted = set(validate_feature_names(names))
+    params = params or FeatureParams()
+    image = np.asarray(image)
+    if image.ndim != 4:
+        raise ValueError(f"compute_features: image must be [C, D, H, W], got shape {image.shape}")
+    in_ch = getattr(segmenter, "in_channels", None)
+    if in_ch is not None and image.shape[0] != in_ch:
+        raise ValueError(f"compute_features: image has {image.shape[0]} channels, segmenter expects {in_ch}")
+    k = int(segmenter.num_classes)
+    spatial = tuple(image.shape[1:])
+    red = {"reduction": params.reduction, "topk": params.topk}
+    out: dict[str, np.ndarray] = {}
+
+    probs = None
+    if "tta_variance" in wanted:
+        tta = _check_output(segmenter.predict_tta(image, params.tta_flips), 5, k, spatial, "predict_tta")
+        tta_labels = tta.mean(axis=0).argmax(axis=0)
+        out["tta_variance"] = _scalar(reduce_map(unc.tta_variance(tta), labels=tta_labels, **red))
+        if () in params.tta_flips:
+            probs = tta[params.tta_flips.index(())]
+    if wanted & _PROB:
+        if probs is None:
+            probs = _check_output(segmenter.predict_proba(image), 4, k, spatial, "predict_proba")
+        labels = probs.argmax(axis=0)
+        maps: dict[str, np.ndarray] = {}
+
+        def vmap(name: str) -> np.ndarray:
+            if name not in maps:
+                maps[name] = getattr(unc, name)(probs)
+            return maps[name]
+
+        for name in ("least_confidence", "entropy", "margin"):
+            if name in wanted:
+                out[name] = _scalar(reduce_map(vmap(name), labels=labels, **red))
+        if "least_confidence_paper" in wanted:
+            out["least_confidence_paper"] = _scalar(unc.least_confidence_paper(probs))
+        if "fg_volume" in wanted:
+            out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
+        if "weighted_embedding" in wanted:
+            emb = segmenter.embed(image, weights=vmap(params.weight_map))
+            out["weighted_embedding"] = np.asarray(emb, dtype=np.float32).ravel().astype(np.float16)
+    if wanted & _MC:
+        mc = _check_output(segmenter.predict_mc(image, params.mc_samples, params.seed), 5, k, spatial, "predict_mc")
+        mc_labels = mc.mean(axis=0).argmax(axis=0)
+        fns = {"mc_entropy": unc.predictive_entropy, "bald": unc.bald, "mc_variance": unc.mc_variance}
+        for name in sorted(wanted & _MC):
+            out[name] = _scalar(reduce_map(fns[name](mc), labels=mc_labels, **red))
+    if "embedding" in wanted:
+        out["embedding"] = np.asarray(segmenter.embed(image), dtype=np.float32).ravel().astype(np.float16)
+    return {name: out[name] for name in sorted(wanted)}

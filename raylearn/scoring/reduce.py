@@ -1,0 +1,154 @@
+"""Volume reductions (voxel map -> case score), predicted foreground volume and weighted feature pooling.
+
+Shapes: a voxel map is ``[D, H, W]``; a predicted label map is ``uint8 [D, H, W]``; a feature map is
+``[F, d, h, w]`` (any spatial size, e.g. a network bottleneck).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["REDUCTIONS", "foreground_volume", "reduce_map", "topk_count", "weighted_pool"]
+
+#: names accepted by :func:`reduce_map`
+REDUCTIONS = ("mean", "sum", "topk_mean", "foreground", "class_mean")
+
+
+def topk_count(n_voxels: int, topk: float) -> int:
+    """Number of voxels kept by ``topk_mean``.
+
+    Args:
+        n_voxels: voxels in the map.
+        topk: a fraction in ``(0, 1)`` of the voxels, or an integral count ``>= 1`` (``1.0`` = the single largest).
+
+    Returns:
+        ``k`` in ``[1, n_voxels]``.
+    """
+    if not topk > 0:
+        raise ValueError(f"topk must be > 0 (a fraction in (0, 1) or a voxel count >= 1), got {topk}")
+    if topk < 1:
+        k = int(np.ceil(topk * n_voxels))
+    else:
+        if float(topk) != int(topk):
+            raise ValueError(f"topk >= 1 is a voxel count and must be an integer, got {topk}")
+        k = int(topk)
+    return max(1, min(k, n_voxels))
+
+
+def reduce_map(
+    values: np.ndarray,
+    reduction: str = "mean",
+    *,
+    topk: float = 0.05,
+    labels: np.ndarray | None = None,
+) -> float:
+    """Reduce a voxel map to one case score.
+
+    Args:
+        values: ``[D, H, W]`` voxel map (e.g. entropy).
+        reduction: ``mean``; ``sum``; ``topk_mean`` (mean of the ``topk`` largest voxels, see :func:`topk_count`);
+            ``foreground`` (mean over voxels whose predicted label is not 0; the whole-volume mean when nothing is
+            predicted as foreground); ``class_mean`` (mean over voxels of each predicted class, then the mean over
+            the classes present: every class weighs the same, however small).
+        topk: used by ``topk_mean``.
+        labels: predicted label map ``[D, H, W]``, required by ``foreground`` and ``class_mean``.
+
+    Returns:
+        A Python float.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        raise ValueError("reduce_map: empty voxel map")
+    if reduction == "mean":
+        return float(values.mean(dtype=np.float64))
+    if reduction == "sum":
+        return float(values.sum(dtype=np.float64))
+    if reduction == "topk_mean":
+        k = topk_count(values.size, topk)
+        flat = values.ravel()
+        return float(np.partition(flat, flat.size - k)[flat.size - k :].mean(dtype=np.float64))
+    if reduction in ("foreground", "class_mean"):
+        if labels is None:
+            raise ValueError(f"reduction {reduction!r} needs the predicted label map (labels=...)")
+        labels = np.asarray(labels)
+        if labels.shape != values.shape:
+            raise ValueError(f"reduce_map: labels shape {labels.shape} != values shape {values.shape}")
+        if reduction == "foreground":
+            fg = labels > 0
+            return float(values[fg].mean(dtype=np.float64)) if fg.any() else float(values.mean(dtype=np.float64))
+        flat_l = labels.ravel().astype(np.int64)
+        sums = np.bincount(flat_l, weights=values.ravel().astype(np.float64))
+        counts = np.bincount(flat_l)
+        present = counts > 0
+        return float((sums[present] / counts[present]).mean())
+    raise ValueError(f"unknown reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
+
+
+def foreground_volume(
+    labels: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None
+) -> np.ndarray:
+    """Predicted volume of each foreground class.
+
+    Args:
+        labels: label map ``[D, H, W]`` (integers in ``[0, num_classes)``).
+        num_classes: ``K`` including background.
+        spacing: voxel spacing ``(D, H, W)`` in mm; when given the result is in mL, else in voxels.
+
+    Returns:
+        ``float64 [K-1]``: classes ``1..K-1``.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"foreground_volume: label values outside [0, {num_classes}) (max {labels.max()})")
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[1:num_classes].astype(np.float64)
+    if spacing is None:
+        return counts
+    if len(spacing) != labels.ndim:
+        raise ValueError(f"foreground_volume: spacing {tuple(spacing)} does not match a {labels.ndim}-d label map")
+    return counts * float(np.prod(spacing)) / 1000.0
+
+
+def _resize_to(weights: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Resample a weight map to ``shape`` by linear interpolation (area-like when shrinking)."""
+    if weights.shape == shape:
+        return weights
+    from scipy.ndimage import zoom
+
+    factors = [t / s for t, s in zip(shape, weights.shape, strict=True)]
+    out = zoom(weights.astype(np.float64), factors, order=1, grid_mode=True, mode="nearest")
+    # zoom may be off by one voxel from rounding; crop/pad to the exact shape
+    out = out[tuple(slice(0, t) for t in shape)]
+    pad = [(0, t - s) for t, s in zip(shape, out.shape, strict=True)]
+    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+
+
+def weighted_pool(features: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Global (optionally uncertainty-weighted) average pooling of a feature map: the PGDR idea of SUGFW.
+
+    ``out_f = sum_v w_v x_{f,v} / sum_v w_v``; with ``weights=None`` (or all-zero weights) a plain mean.
+
+    Args:
+        features: ``[F, d, h, w]`` feature map.
+        weights: non-negative ``[D, H, W]`` map on the image grid or the feature grid; resampled to ``(d, h, w)``.
+
+    Returns:
+        ``float32 [F]``.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim < 2:
+        raise ValueError(f"weighted_pool: expected a feature map [F, ...spatial], got shape {features.shape}")
+    flat = features.reshape(features.shape[0], -1)
+    if weights is None:
+        return flat.mean(axis=1).astype(np.float32)
+    weights = np.asarray(weights)
+    if weights.ndim != features.ndim - 1:
+        raise ValueError(f"weighted_pool: weights shape {weights.shape} vs feature map shape {features.shape}")
+    if (weights < 0).any():
+        raise ValueError("weighted_pool: weights must be non-negative")
+    w = _resize_to(weights, features.shape[1:]).ravel()
+    total = w.sum()
+    if total <= 0:
+        return flat.mean(axis=1).astype(np.float32)
+    return (flat.astype(np.float64) @ w / total).astype(np.float32)

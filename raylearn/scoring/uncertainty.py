@@ -1,0 +1,152 @@
+"""Voxel-wise uncertainty maps from class probabilities, MC-dropout and test-time-augmentation samples.
+
+Every map follows one sign convention: **higher means more uncertain**, so a top-k strategy always
+takes the largest case scores. Shapes:
+
+- probabilities ``probs``: ``float32 [K, D, H, W]``, sums to 1 over ``K`` (classes incl. background);
+- MC-dropout samples ``mc``: ``[T, K, D, H, W]`` (``T`` stochastic forward passes);
+- flip TTA predictions ``tta``: ``[A, K, D, H, W]`` (``A`` augmentations, already mapped back);
+- a voxel map: ``float32 [D, H, W]``.
+
+Entropies are in nats (natural logarithm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "EPS",
+    "bald",
+    "entropy",
+    "least_confidence",
+    "least_confidence_paper",
+    "margin",
+    "mc_variance",
+    "predictive_entropy",
+    "tta_variance",
+]
+
+#: floor applied inside logarithms
+EPS = 1e-12
+
+
+def _check_probs(probs: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    probs = np.asarray(probs)
+    if probs.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d array, got shape {probs.shape}")
+    if probs.shape[-4] < 2:
+        raise ValueError(f"{name}: need at least 2 classes on the class axis, got shape {probs.shape}")
+    return probs.astype(np.float32, copy=False)
+
+
+def least_confidence(probs: np.ndarray) -> np.ndarray:
+    """Classic least confidence ``1 - max_k p_k``.
+
+    Args:
+        probs: ``[K, D, H, W]`` class probabilities.
+
+    Returns:
+        ``float32 [D, H, W]`` in ``[0, 1 - 1/K]``.
+    """
+    probs = _check_probs(probs, 4, "least_confidence")
+    return (1.0 - probs.max(axis=0)).astype(np.float32)
+
+
+def least_confidence_paper(probs: np.ndarray) -> float:
+    """Least confidence exactly as written in "From Prediction to Prompt": ``mean |1 - p|`` over voxels AND classes.
+
+    Note:
+        For probabilities that sum to one over ``K`` this equals ``1 - 1/K`` for every voxel, so it is the
+        same number for every case and carries no ranking information (a top-k over it degenerates to the
+        strategy's random tie-break). It is kept to reproduce the paper; use :func:`least_confidence` with a
+        volume reduction (``mean`` or ``class_mean``) for a working score.
+
+    Args:
+        probs: ``[K, D, H, W]`` class probabilities.
+
+    Returns:
+        A Python float.
+    """
+    probs = _check_probs(probs, 4, "least_confidence_paper")
+    return float(np.abs(1.0 - probs).mean(dtype=np.float64))
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy ``-sum_k p_k log p_k`` (nats).
+
+    Args:
+        probs: ``[K, D, H, W]``.
+
+    Returns:
+        ``float32 [D, H, W]`` in ``[0, log K]``.
+    """
+    probs = _check_probs(probs, 4, "entropy")
+    return (-(probs * np.log(np.clip(probs, EPS, 1.0))).sum(axis=0)).astype(np.float32)
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """Margin uncertainty ``1 - (p_(1) - p_(2))`` (one minus the gap between the two largest probabilities).
+
+    Args:
+        probs: ``[K, D, H, W]``.
+
+    Returns:
+        ``float32 [D, H, W]`` in ``[0, 1]``; 1 where the top two classes tie.
+    """
+    probs = _check_probs(probs, 4, "margin")
+    top2 = np.partition(probs, probs.shape[0] - 2, axis=0)[-2:]
+    return (1.0 - (top2[1] - top2[0])).astype(np.float32)
+
+
+def predictive_entropy(mc: np.ndarray) -> np.ndarray:
+    """Entropy of the mean MC-dropout prediction, ``H[E_t p_t]``.
+
+    Args:
+        mc: ``[T, K, D, H, W]``.
+
+    Returns:
+        ``float32 [D, H, W]``.
+    """
+    mc = _check_probs(mc, 5, "predictive_entropy")
+    return entropy(mc.mean(axis=0))
+
+
+def bald(mc: np.ndarray) -> np.ndarray:
+    """BALD mutual information ``H[E_t p_t] - E_t H[p_t]`` (epistemic part of the predictive entropy).
+
+    Args:
+        mc: ``[T, K, D, H, W]``.
+
+    Returns:
+        ``float32 [D, H, W]``, non-negative (clipped at 0 against rounding).
+    """
+    mc = _check_probs(mc, 5, "bald")
+    mean_h = (-(mc * np.log(np.clip(mc, EPS, 1.0))).sum(axis=1)).mean(axis=0)
+    return np.maximum(entropy(mc.mean(axis=0)) - mean_h, 0.0).astype(np.float32)
+
+
+def mc_variance(mc: np.ndarray) -> np.ndarray:
+    """Variance of the probabilities across samples, averaged over classes.
+
+    Args:
+        mc: ``[T, K, D, H, W]`` (MC-dropout or any stack of predictions).
+
+    Returns:
+        ``float32 [D, H, W]``.
+    """
+    mc = _check_probs(mc, 5, "mc_variance")
+    return mc.var(axis=0).mean(axis=0).astype(np.float32)
+
+
+def tta_variance(tta: np.ndarray) -> np.ndarray:
+    """Variance across flip test-time augmentations, averaged over classes.
+
+    Args:
+        tta: ``[A, K, D, H, W]`` predictions mapped back to the original orientation.
+
+    Returns:
+        ``float32 [D, H, W]``.
+    """
+    tta = _check_probs(tta, 5, "tta_variance")
+    return tta.var(axis=0).mean(axis=0).astype(np.float32)

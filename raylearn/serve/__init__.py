@@ -1,0 +1,1 @@
+"""raylearn.serve."""

@@ -1,0 +1,205 @@
+"""Query-strategy contract: :class:`PoolView`, :class:`QueryStrategy`, the registry and :func:`build_strategy`.
+
+Strategies follow scikit-learn's estimator rules: ``__init__`` only stores keyword hyperparameters
+(including ``random_state``), :meth:`QueryStrategy.select` is deterministic for a given ``random_state``
+and never mutates its input. Each strategy declares the per-case features it needs in ``requires``
+(class level) / :meth:`QueryStrategy.required_features` (instance level, includes a configurable score
+feature); the pool computes exactly those with :func:`raylearn.scoring.features.compute_features`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy"]
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """A read-only view of the pool handed to a strategy.
+
+    Attributes:
+        ids: ``[N]`` case ids (str), unique.
+        labeled_mask: ``bool [N]``, True where the case is already labelled.
+        features: name -> array aligned with ``ids`` on axis 0: scalar scores ``[N]``, embeddings ``[N, F]``,
+            ``fg_volume`` ``[N, K-1]``. Rows of labelled cases may hold anything finite (strategies that use
+            labelled rows, e.g. k-center, need their embeddings).
+    """
+
+    ids: np.ndarray
+    labeled_mask: np.ndarray
+    features: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.ids)
+        mask = np.asarray(self.labeled_mask)
+        if ids.ndim != 1:
+            raise ValueError(f"PoolView.ids must be 1-d, got shape {ids.shape}")
+        if mask.shape != ids.shape or mask.dtype != np.bool_:
+            raise ValueError(f"PoolView.labeled_mask must be bool with shape {ids.shape}, got {mask.dtype} {mask.shape}")
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("PoolView.ids contains duplicate case ids")
+        feats = {}
+        for name, arr in dict(self.features).items():
+            arr = np.asarray(arr)
+            if arr.ndim == 0 or arr.shape[0] != len(ids):
+                raise ValueError(f"PoolView feature {name!r} has shape {arr.shape}; axis 0 must match {len(ids)} ids")
+            feats[name] = arr
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "labeled_mask", mask)
+        object.__setattr__(self, "features", MappingProxyType(feats))
+
+    @property
+    def n_labeled(self) -> int:
+        return int(self.labeled_mask.sum())
+
+    @property
+    def unlabeled_index(self) -> np.ndarray:
+        """Positions (``int [U]``) of the unlabelled cases, in pool order."""
+        return np.flatnonzero(~self.labeled_mask)
+
+    @classmethod
+    def from_records(
+        cls, ids: list[str], labeled: set[str] | list[str], records: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> PoolView:
+        """Build a view from per-case feature dicts (as returned by ``compute_features``).
+
+        Args:
+            ids: case ids in pool order.
+            labeled: ids already labelled.
+            records: case id -> {feature: array}; every id must have the same feature names. Labelled cases
+                may be missing; their rows are filled with zeros (NaN would break distance computations).
+        """
+        labeled = set(labeled)
+        names: set[str] | None = None
+        for cid in ids:
+            if cid in records:
+                these = set(records[cid])
+                if names is not None and these != names:
+                    raise ValueError(f"case {cid!r} has features {sorted(these)}, others have {sorted(names)}")
+                names = these
+            elif cid not in labeled:
+                raise ValueError(f"unlabelled case {cid!r} has no features")
+        feats: dict[str, np.ndarray] = {}
+        for name in sorted(names or ()):
+            template = next(np.asarray(records[c][name]) for c in ids if c in records)
+            rows = [np.asarray(records[c][name]) if c in records else np.zeros_like(template) for c in ids]
+            feats[name] = np.stack(rows)
+        mask = np.array([c in labeled for c in ids], dtype=bool)
+        return cls(np.asarray(ids, dtype=str), mask, feats)
+
+
+class QueryStrategy(ABC):
+    """Select the next batch of cases to label.
+
+    Subclasses set ``name`` and ``requires`` and implement :meth:`_select`; hyperparameters are keyword
+    arguments of ``__init__`` stored under the same attribute names (as in scikit-learn).
+    """
+
+    #: registry name
+    name: ClassVar[str] = ""
+    #: features the strategy always needs (see :data:`raylearn.scoring.features.FEATURES`)
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, *, random_state: int | None = 0) -> None:
+        self.random_state = random_state
+
+    def required_features(self) -> frozenset[str]:
+        """Features this configured instance needs (``requires`` plus any configurable score feature)."""
+        return self.requires
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.KEYWORD_ONLY]
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyperparameters as a dict (scikit-learn style)."""
+        return {p: getattr(self, p) for p in self._param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.random_state)
+
+    def _check(self, pool: PoolView, budget: int) -> None:
+        if not isinstance(pool, PoolView):
+            raise TypeError(f"{self.name}: pool must be a PoolView, got {type(pool).__name__}")
+        if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget < 1:
+            raise ValueError(f"{self.name}: budget must be a positive integer, got {budget!r}")
+        n_unl = int((~pool.labeled_mask).sum())
+        if budget > n_unl:
+            raise ValueError(f"{self.name}: budget {budget} exceeds the {n_unl} unlabelled cases in the pool")
+        missing = sorted(self.required_features() - set(pool.features))
+        if missing:
+            raise ValueError(
+                f"{self.name}: pool lacks required feature(s) {missing} (has: {sorted(pool.features) or 'none'})"
+            )
+        for name in self.required_features():
+            arr = pool.features[name]
+            if not np.all(np.isfinite(arr[~pool.labeled_mask])):
+                raise ValueError(f"{self.name}: feature {name!r} has non-finite values for unlabelled cases")
+
+    def select(self, pool: PoolView, budget: int) -> np.ndarray:
+        """Choose ``budget`` unique unlabelled case ids.
+
+        Args:
+            pool: the pool with the features in :meth:`required_features`.
+            budget: number of cases to select, ``1 <= budget <= #unlabelled``.
+
+        Returns:
+            ``str [budget]`` case ids, in selection order (most preferred first where the strategy ranks).
+        """
+        self._check(pool, int(budget))
+        idx = np.asarray(self._select(pool, int(budget)), dtype=np.int64)
+        if len(idx) != budget or len(np.unique(idx)) != budget or pool.labeled_mask[idx].any():
+            raise RuntimeError(f"{self.name}: internal error, produced an invalid selection {idx.tolist()}")
+        return pool.ids[idx].copy()
+
+    @abstractmethod
+    def _select(self, pool: PoolView, budget: int) -> np.ndarray:
+        """Return ``budget`` positions into ``pool.ids`` of unlabelled cases."""
+
+
+#: name -> strategy class
+STRATEGIES: dict[str, type[QueryStrategy]] = {}
+
+S = TypeVar("S", bound=type[QueryStrategy])
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator adding a strategy to :data:`STRATEGIES` under ``name``."""
+
+    def deco(cls: S) -> S:
+        if name in STRATEGIES and STRATEGIES[name] is not cls:
+            raise ValueError(f"strategy name {name!r} registered twice")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_strategy(name: str, **params: Any) -> QueryStrategy:
+    """Instantiate a registered strategy by name, e.g. ``build_strategy("typiclust", knn=20, random_state=0)``.
+
+    Raises:
+        ValueError: unknown name (lists the known ones) or unknown hyperparameter (lists the allowed ones).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    cls = STRATEGIES[name]
+    allowed = cls._param_names()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"strategy {name!r}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
+    return cls(**params)
