@@ -64,7 +64,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from raylearn.compare import compare_cli
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    return compare_cli(args.config, strategies=strategies, seeds=args.seeds, out=args.out, resume=args.resume)
+    return compare_cli(args.config, strategies=strategies, seeds=args.seeds, out=args.out)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -137,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strategies", required=True, help="comma-separated strategy names")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     c.add_argument("--out", type=Path, default=None)
-    c.add_argument("--resume", action="store_true", help="resume unfinished runs")
     c.set_defaults(func=_cmd_compare)
 
     t = sub.add_parser("tune", help="sweep strategy hyperparameters with Ray Tune")

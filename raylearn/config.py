@@ -63,7 +63,7 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
         elif e.get("type") == "missing":
             msg = "required key is missing"
         else:
-            msg = e.get("msg", "invalid value")
+            msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
             if "input" in e and not isinstance(e["input"], Mapping | list):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{source}: {path}: {msg}")

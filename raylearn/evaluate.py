@@ -13,7 +13,7 @@ import ray
 
 
 def _load(checkpoint: str):
-    from raylearn.models import load_segmenter
+    from raylearn.models.base import load_segmenter
 
     return load_segmenter(checkpoint)
 

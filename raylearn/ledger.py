@@ -69,11 +69,15 @@ class Ledger:
     Args:
         path: file to create or continue.
         repair: cut off a truncated/corrupt final line (default True). When False it raises instead.
+        readonly: never modify the file (a reader beside a live writer): a partial last line is
+            skipped, not cut off, and :meth:`append` is refused.
     """
 
-    def __init__(self, path: str | Path, repair: bool = True) -> None:
+    def __init__(self, path: str | Path, repair: bool = True, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: list[dict] = []
         if self.path.exists():
             self._load(repair)
@@ -91,6 +95,8 @@ class Ledger:
             try:
                 rec = _decode(line.decode())
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+                if is_last and self.readonly:
+                    return
                 if is_last and repair:
                     log.warning("ledger %s: dropping %s last record (%s); it was being written when the run "
                                 "stopped", self.path, "truncated" if not complete else "corrupt", err)
@@ -102,7 +108,7 @@ class Ledger:
                 raise LedgerError(f"{self.path}: record {i + 1} is corrupt ({err}); refusing to continue") from None
             if not complete and not repair:
                 raise LedgerError(f"{self.path}: last record has no newline")
-            if not complete:
+            if not complete and not self.readonly:
                 # valid JSON but no newline: finish the line so later appends start cleanly
                 with open(self.path, "ab") as fh:
                     fh.write(b"\n")
@@ -111,6 +117,8 @@ class Ledger:
 
     def append(self, kind: str, **payload: Any) -> dict:
         """Durably append one record of ``kind`` (``header``, ``selected``, ``round``, ``done``)."""
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
         rec = {"kind": kind, **payload}
         line = _encode(rec)
         with open(self.path, "a", encoding="utf-8") as fh:

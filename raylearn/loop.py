@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,6 @@ from raylearn.oracle import SimulatedOracle
 log = logging.getLogger(__name__)
 
 __all__ = ["run_experiment", "run_experiment_cli", "demo_cli", "ensure_ray", "ensure_store", "RunResult"]
-
-#: features whose values are needed for labelled cases too (diversity strategies measure distances to them)
-_LABELED_FEATURES = frozenset({"embedding", "weighted_embedding"})
 
 
 @dataclass
@@ -74,7 +72,7 @@ def ensure_store(cfg: ExperimentConfig, progress: bool = True):
     store_dir = Path(cfg.data.store) if cfg.data.store else out / "store"
     if cfg.data.dataset == "phantom":
         ph = cfg.data.phantom
-        dataset = out / "phantom_data"
+        dataset = store_dir.with_name(store_dir.name + "_phantom_src")
         if not (dataset / "dataset.json").is_file():
             log.info("generating %d phantom cases of %s voxels in %s", ph.n_cases, ph.shape, dataset)
             make_phantom_dataset(dataset, n_cases=ph.n_cases, shape=tuple(ph.shape), seed=ph.seed)
@@ -156,7 +154,8 @@ def _round_line(r: dict) -> str:
 
 
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_change: bool = False,
-                   cold_start_from: str | Path | None = None, progress: bool = True) -> RunResult:
+                   cold_start_from: str | Path | None = None, progress: bool = True,
+                   on_round: Callable[[dict, list[dict]], None] | None = None) -> RunResult:
     """Run (or resume) one AL experiment; returns its rounds and summary.
 
     Args:
@@ -165,6 +164,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         allow_config_change: resume even when the config hash differs from the ledger's header.
         cold_start_from: another run's output dir whose round-0 selection is re-used (``compare``
             shares the cold-start set across strategies of a seed, as the papers do).
+        progress: progress bars for ingest and scoring.
+        on_round: called after each recorded round with (record, all rounds so far); Ray Tune
+            reports from here. Rounds replayed from the ledger on resume are passed too, in order.
     """
     from raylearn.pool import ShardedPool
     from raylearn.strategies import PoolView, build_strategy
@@ -202,6 +204,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     rounds = ledger.rounds()
     labeled: list[str] = [cid for r in rounds for cid in r["selected"]]
     checkpoint: str | None = rounds[-1]["checkpoint"] if rounds else None
+    if on_round is not None:
+        for i in range(len(rounds)):
+            on_round(rounds[i], rounds[: i + 1])
     if rounds:
         log.info("resuming %s after round %d (%d cases labelled)", out, rounds[-1]["round"], len(labeled))
     if cold_start_from is not None and ledger.selection(0) is None:
@@ -241,7 +246,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                                           "use a feature-free cold_start strategy (e.g. random)")
                     if pool is None:
                         pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in labeled])
-                    features = _score_all(pool, store, checkpoint, needs, cfg, labeled, pool_ids)
+                    lab_needs = needs if strategy.needs_labeled_features() else []
+                    features = _score_all(pool, store, checkpoint, needs, lab_needs, cfg, labeled, pool_ids)
                 timings["score_s"] = time.perf_counter() - t0
                 labeled_set = set(labeled)
                 view = PoolView(ids=ids, labeled_mask=np.array([c in labeled_set for c in pool_ids]), features=features)
@@ -275,6 +281,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 config_hash=chash)
             rounds.append(rec)
             print(_round_line(rec), flush=True)
+            if on_round is not None:
+                on_round(rec, rounds)
             _write_outputs(out, rounds, class_names, None, cfg.name)
     finally:
         if pool is not None:
@@ -289,8 +297,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     return RunResult(out, rounds, summary)
 
 
-def _score_all(pool, store, checkpoint: str, needs: list[str], cfg: ExperimentConfig, labeled: list[str],
-               pool_ids: list[str]) -> dict[str, np.ndarray]:
+def _score_all(pool, store, checkpoint: str, needs: list[str], lab_needs: list[str], cfg: ExperimentConfig,
+               labeled: list[str], pool_ids: list[str]) -> dict[str, np.ndarray]:
     """Features aligned with ``pool_ids``: unlabeled cases from the shards, labelled ones (for the
     embedding-based strategies that measure distances to the labelled set) from Ray tasks."""
     from raylearn.evaluate import features_for
@@ -299,7 +307,6 @@ def _score_all(pool, store, checkpoint: str, needs: list[str], cfg: ExperimentCo
 
     res = pool.score(checkpoint, needs, cfg.features)
     by_id = {cid: i for i, cid in enumerate(res["ids"])}
-    lab_needs = [n for n in needs if n in _LABELED_FEATURES]
     lab_feats: dict[str, dict[str, np.ndarray]] = {}
     if lab_needs and labeled:
         parts = np.array_split(np.array(labeled), min(2, len(labeled)))

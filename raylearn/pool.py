@@ -7,7 +7,7 @@ its cases and returns compact per-case results (scalars, small vectors, float16 
 maps. :class:`ShardedPool` is the driver side::
 
     pool = ShardedPool(store, config=PoolConfig(num_cpus=0.5))
-    scores = pool.score(segmenter_or_checkpoint, ["least_confidence_mean", "embedding"], FeatureParams())
+    scores = pool.score(segmenter_or_checkpoint, ["least_confidence", "embedding"], FeatureParams())
     PoolView(ids=scores["ids"], labeled_mask=..., features=scores["features"])
     pool.mark_labeled(selected_ids)
 
@@ -20,8 +20,6 @@ survivors (or a replacement actor). The driver checks that a round covers every 
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import importlib
 import logging
 import os
@@ -35,68 +33,25 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from raylearn.pool_config import PoolConfig
+from raylearn.pool_config import (
+    MAX_ELEMENTS_PER_CASE,
+    PoolConfig,
+    PoolError,
+    balance,
+    checkpoint_bytes,
+    checkpoint_digest,
+    compact_feature,
+    load_class,
+    merge_results,
+    open_store,
+    voxel_counts,
+)
 
 __all__ = ["PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MAX_ELEMENTS_PER_CASE"]
 
 log = logging.getLogger(__name__)
 
-#: a per-case feature with more elements than this is a voxel map, not a compact result
-MAX_ELEMENTS_PER_CASE = 4096
 _ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-class PoolError(RuntimeError):
-    """The pool cannot do what was asked (unknown case ids, lost shards, incomplete coverage)."""
-
-
-def balance(sizes: Sequence[float], n: int, loads: Sequence[float] | None = None) -> list[list[int]]:
-    """Assign items to ``n`` bins, largest first into the least-loaded bin (LPT greedy).
-
-    Args:
-        sizes: item sizes (e.g. voxel counts), length N, non-negative.
-        n: number of bins (shards), ``>= 1``.
-        loads: optional starting load of each bin (length n), e.g. what surviving shards already hold.
-
-    Returns:
-        ``n`` lists of item indices into ``sizes`` (each sorted ascending); every index appears exactly
-        once. Ties go to the lowest bin index, so the result is deterministic.
-    """
-    if n < 1:
-        raise ValueError(f"balance: n must be >= 1, got {n}")
-    start = [0.0] * n if loads is None else [float(x) for x in loads]
-    if len(start) != n:
-        raise ValueError(f"balance: loads has length {len(start)}, expected {n}")
-    heap = [(load, b) for b, load in enumerate(start)]
-    heapq.heapify(heap)
-    bins: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(sizes)), key=lambda k: (-float(sizes[k]), k)):
-        if sizes[i] < 0:
-            raise ValueError(f"balance: size of item {i} is negative ({sizes[i]})")
-        load, b = heapq.heappop(heap)
-        bins[b].append(i)
-        heapq.heappush(heap, (load + float(sizes[i]), b))
-    return [sorted(b) for b in bins]
-
-
-def _load_class(qualified: str) -> type:
-    module, _, name = qualified.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _compact(name: str, value: Any, case_id: str) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.size > MAX_ELEMENTS_PER_CASE:
-        raise PoolError(
-            f"feature {name!r} of case {case_id!r} has shape {arr.shape} ({arr.size} elements > "
-            f"{MAX_ELEMENTS_PER_CASE}); shards return compact per-case results, not voxel maps"
-        )
-    if arr.dtype == np.float64:
-        arr = arr.astype(np.float32)
-    return arr
 
 
 @ray.remote
@@ -109,19 +64,23 @@ class PoolShard:
         index: shard number (for logs and state).
         torch_threads: intra-op threads of torch in this actor.
         prefault: read every case once at load so its pages are resident.
+        preload: modules to import at start-up (the segmenter's, ``raylearn.scoring.features``).
         _crash_dir: TEST HOOK. When ``<_crash_dir>/shard<index>`` exists during scoring, the actor removes
             it and exits the process after its first case (a crash mid-scoring, exactly once).
     """
 
     def __init__(self, store: Any, case_ids: Sequence[str], index: int = 0, torch_threads: int = 1,
-                 prefault: bool = True, _crash_dir: str | None = None) -> None:
+                 prefault: bool = True, preload: Sequence[str] = (), _crash_dir: str | None = None) -> None:
         import torch
 
-        from raylearn.data.store import PoolStore
-
         torch.set_num_threads(max(1, int(torch_threads)))
+        for module in preload:  # pay the import cost at start-up, not in the first scoring round
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                log.warning("shard %d: could not preload %s: %s", index, module, err)
         self.index = index
-        self._store = store if isinstance(store, PoolStore) else PoolStore.open(store)
+        self._store = open_store(store)
         self._prefault = prefault
         self._crash_dir = _crash_dir
         self._cases: dict[str, Any] = {}
@@ -134,10 +93,10 @@ class PoolShard:
         for cid in ids:
             if cid in self._cases:
                 continue
-            case = self._store.get(cid)
-            if self._prefault:  # fault the memory-mapped pages in now, not during the first scoring
-                float(np.asarray(case.image, dtype=np.float32).sum(dtype=np.float64))
-            self._cases[cid] = case
+            image = self._store.get(cid).image  # read-only view on the memory map; labels are not held
+            if self._prefault:  # fault the mapped pages in now, not during the first scoring
+                float(image.sum(dtype=np.float64))
+            self._cases[cid] = image
 
     def hold(self, ids: Sequence[str], release_others: bool = True) -> int:
         """Make the resident set ``ids`` (loading missing cases; releasing the rest unless told not to)."""
@@ -164,7 +123,7 @@ class PoolShard:
             "node_id": ray.get_runtime_context().get_node_id(),
             "ids": sorted(self._cases),
             "n_cases": len(self._cases),
-            "bytes_resident": int(sum(self._store.nbytes(c) for c in self._cases)),
+            "bytes_resident": int(sum(im.nbytes for im in self._cases.values())),
             "rss_bytes": int(psutil.Process().memory_info().rss),
             "uptime_s": time.time() - self._started,
             "segmenter_hash": self._segmenter[0] if self._segmenter else None,
@@ -177,13 +136,11 @@ class PoolShard:
         t0 = time.perf_counter()
         self._segmenter = None  # drop the old model before loading the next
         blob = ckpt[0] if isinstance(ckpt[0], bytes | bytearray) else ray.get(ckpt[0])
-        cls = _load_class(segmenter_cls)
+        cls = load_class(segmenter_cls)
         with tempfile.TemporaryDirectory(prefix="raylearn-shard-") as tmp:
             path = Path(tmp) / "checkpoint.pt"
             path.write_bytes(blob)
             seg = cls.load(path)
-        if ray.get_gpu_ids() and hasattr(seg, "to"):
-            seg.to("cuda")
         self._segmenter = (ckpt_hash, seg)
         return seg, time.perf_counter() - t0
 
@@ -202,17 +159,22 @@ class PoolShard:
             release_others: release held cases not in ``ids`` (the driver's assignment is authoritative).
 
         Returns:
-            ``{"shard", "ids": list[str] (N), "features": {name: array [N, ...]}, "load_s", "score_s", "pid"}``.
+            ``{"shard", "ids": list[str] (N), "features": {name: array [N, ...]}, "load_s", "score_s", "cpu_s",
+            "pid"}`` (seconds: model load, wall and process CPU time of the scoring loop).
         """
         from raylearn.scoring.features import compute_features
 
         ids = sorted(self._cases) if ids is None else list(ids)
         self.hold(ids, release_others=release_others)
         seg, load_s = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rows: dict[str, list[np.ndarray]] = {}
         for k, cid in enumerate(ids):
-            feats = compute_features(seg, np.asarray(self._cases[cid].image), list(feature_names), params)
+            try:
+                feats = compute_features(seg, self._cases[cid], list(feature_names), params)
+            except Exception as err:  # name the case: the traceback alone does not say which one failed
+                msg = f"shard {self.index}: scoring case {cid!r} failed: {type(err).__name__}: {err}"
+                raise PoolError(msg) from err
             if k == 0:
                 rows = {name: [] for name in feats}
                 self._maybe_crash()
@@ -220,10 +182,10 @@ class PoolShard:
                 raise PoolError(f"compute_features returned keys {sorted(feats)} for {cid!r}, "
                                 f"expected {sorted(rows)}")
             for name, value in feats.items():
-                rows[name].append(_compact(name, value, cid))
+                rows[name].append(compact_feature(name, value, cid))
         features = {name: np.stack(vals) for name, vals in rows.items()}
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
-                "score_s": time.perf_counter() - t0, "pid": os.getpid()}
+                "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
 
     def _maybe_crash(self) -> None:
         if self._crash_dir is None:
@@ -238,21 +200,6 @@ class PoolShard:
 
     def ping(self) -> int:
         return os.getpid()
-
-
-def _voxel_counts(store: Any, ids: Sequence[str]) -> list[float]:
-    """Voxel count per case from the manifest (``shape`` column or D/H/W columns), else bytes stored."""
-    man = getattr(store, "manifest", None)
-    try:
-        table = man.set_index("case_id")
-        if "shape" in table.columns:
-            return [float(np.prod(table.at[c, "shape"])) for c in ids]
-        cols = [c for c in ("D", "H", "W") if c in table.columns]
-        if len(cols) == 3:
-            return [float(np.prod([table.at[c, k] for k in cols])) for c in ids]
-    except (AttributeError, KeyError, TypeError, ValueError):
-        pass
-    return [float(store.nbytes(c)) for c in ids]
 
 
 class ShardedPool:
@@ -272,21 +219,22 @@ class ShardedPool:
     """
 
     DEFAULT_SEGMENTER = "raylearn.models.unet:MonaiSegmenter"
+    #: modules each shard imports at start-up, so the first round does not pay for them
+    PRELOAD = ("raylearn.scoring.features", "raylearn.models.unet", "monai.inferers")
 
     def __init__(self, store: Any, n_shards: int | None = None, resources_per_shard: Mapping[str, float] | None = None,
                  case_ids: Sequence[str] | None = None, config: PoolConfig | None = None,
                  _crash_dir: str | None = None) -> None:
-        from raylearn.data.store import PoolStore
-
         if not ray.is_initialized():
-            raise PoolError("ShardedPool needs a running Ray instance: call ray.init() (or ray.init(address=...)) first")
+            raise PoolError("ShardedPool needs a running Ray instance: call ray.init() first")
         self.config = cfg = config or PoolConfig()
-        self.store = store if isinstance(store, PoolStore) else PoolStore.open(store)
+        self.store = open_store(store)
         known = set(self.store.case_ids())
         ids = sorted(self.store.case_ids("pool") if case_ids is None else dict.fromkeys(case_ids))
         missing = [c for c in ids if c not in known]
         if missing:
-            raise PoolError(f"{len(missing)} case id(s) not in the store {getattr(self.store, 'path', '')}: {missing[:5]}")
+            where = getattr(self.store, "path", "")
+            raise PoolError(f"{len(missing)} case id(s) not in the store {where}: {missing[:5]}")
         if not ids:
             raise PoolError("the pool is empty: no case ids to shard")
         res = ray.cluster_resources()
@@ -302,7 +250,7 @@ class ShardedPool:
         self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
         self._crash_dir = _crash_dir
         self._all_ids = set(ids)
-        self._sizes = dict(zip(ids, _voxel_counts(self.store, ids), strict=True))
+        self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
         self._actors: dict[int, Any] = {}
         self._assign: dict[int, list[str]] = {}
         self._pids: dict[int, int] = {}
@@ -321,7 +269,7 @@ class ShardedPool:
         opts = dict(self._resources, max_restarts=self.config.max_restarts,
                     max_task_retries=self.config.max_task_retries)
         self._actors[i] = PoolShard.options(**opts).remote(
-            self.store, ids, i, self._threads, self.config.prefault, self._crash_dir)
+            self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._crash_dir)
         self._assign[i] = list(ids)
         return i
 
@@ -362,12 +310,18 @@ class ShardedPool:
     def shards_state(self) -> list[dict[str, Any]]:
         """Per shard: the actor's :meth:`PoolShard.state` plus ``assigned`` (driver record), ``in_sync``, ``alive``."""
         refs = {i: a.state.remote() for i, a in self._actors.items()}
+        try:
+            got = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+        except _ACTOR_ERRORS:  # some shard is down: ask each one separately to tell which
+            got = {}
+            for i, ref in refs.items():
+                try:
+                    got[i] = ray.get(ref)
+                except _ACTOR_ERRORS as err:
+                    got[i] = {"shard": i, "alive": False, "error": str(err).splitlines()[0], "ids": []}
         out = []
-        for i, ref in refs.items():
-            try:
-                st = dict(ray.get(ref), alive=True)
-            except _ACTOR_ERRORS as err:
-                st = {"shard": i, "alive": False, "error": str(err).splitlines()[0], "ids": []}
+        for i in refs:
+            st = {"alive": True, **got[i]}
             st["assigned"] = sorted(self._assign[i])
             st["in_sync"] = st["alive"] and st["ids"] == st["assigned"]
             out.append(st)
@@ -376,6 +330,90 @@ class ShardedPool:
     def sync(self) -> None:
         """Re-send every shard its assignment (e.g. after an actor restarted with its initial cases)."""
         ray.get([self._actors[i].hold.remote(ids) for i, ids in self._assign.items()])
+
+    def score(self, segmenter: Any, feature_names: Sequence[str], params: Any = None,
+              segmenter_cls: str | type | None = None) -> dict[str, Any]:
+        """Score every pool case in parallel: one call per shard, gathered as they finish.
+
+        Args:
+            segmenter: a :class:`~raylearn.models.base.Segmenter`, a checkpoint path, or checkpoint bytes.
+                Its bytes are ``ray.put`` once per distinct checkpoint; shards cache the loaded model by hash.
+            feature_names: features to compute (names of ``raylearn.scoring.features.FEATURES``).
+            params: a ``FeatureParams`` (default ``FeatureParams()``).
+            segmenter_cls: class (or ``"module:QualName"``) that loads a checkpoint path/bytes; default the
+                instance's own class, else ``MonaiSegmenter``.
+
+        Returns:
+            ``{"ids": np.ndarray[str] (N,), "features": {name: np.ndarray [N, ...]}}``, rows aligned with the
+            sorted unlabeled ids; each case exactly once. Timings are in :attr:`last_stats`.
+
+        Raises:
+            PoolError: shards stayed dead beyond ``config.max_redistributions``, or coverage is not exactly once.
+        """
+        from raylearn.scoring.features import FeatureParams, validate_feature_names
+
+        names = validate_feature_names(feature_names)  # ValueError naming unknown features, before any work
+        params = FeatureParams() if params is None else params
+        t0 = time.perf_counter()
+        blob, cls = checkpoint_bytes(segmenter, segmenter_cls, self.DEFAULT_SEGMENTER)
+        digest = checkpoint_digest(blob)
+        if self._ckpt is None or self._ckpt[0] != digest:
+            self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard
+        put_s = time.perf_counter() - t0
+        args = ([self._ckpt[1]], digest, cls, names, params)
+        pending = {self._actors[i].score.remote(*args, ids, True): (i, ids) for i, ids in self._assign.items() if ids}
+        expected = self.unlabeled_ids()
+        results: list[dict[str, Any]] = []
+        moved = 0
+        with tqdm(total=len(expected), unit="case", desc="scoring pool", disable=not self.config.progress,
+                  leave=False) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i, ids = pending.pop(done[0])
+                try:
+                    res = ray.get(done[0])
+                except _ACTOR_ERRORS as err:
+                    moved += 1
+                    if moved > self.config.max_redistributions:
+                        raise PoolError(f"shard {i} lost for good and {moved - 1} redistribution(s) already "
+                                        f"used this round (pool.max_redistributions): {err}") from err
+                    log.warning("pool: shard %d is dead (%s); moving %d case(s)", i, type(err).__name__, len(ids))
+                    for j, sub in self._replace(i, ids).items():
+                        pending[self._actors[j].score.remote(*args, sub, False)] = (j, sub)
+                    continue
+                results.append(res)
+                bar.update(len(res["ids"]))
+        out = merge_results(results, expected)
+        restarted = sorted({r["shard"] for r in results if r["pid"] != self._pids.get(r["shard"], r["pid"])})
+        self._pids.update({r["shard"]: r["pid"] for r in results})
+        self.last_stats = {
+            "wall_s": time.perf_counter() - t0, "put_s": put_s, "n_cases": len(expected),
+            "n_shards": self.n_shards, "redistributions": moved, "restarted_shards": restarted,
+            "per_shard": [{k: r[k] for k in ("shard", "load_s", "score_s", "cpu_s", "pid")} | {"n": len(r["ids"])}
+                          for r in results],
+        }
+        return out
+
+    def _replace(self, dead: int, ids: Sequence[str]) -> dict[int, list[str]]:
+        """Move a dead shard's cases onto the survivors (or a fresh actor); return who re-scores ``ids``."""
+        if dead in self._actors:
+            lost = self._assign.pop(dead)
+            ray.kill(self._actors.pop(dead), no_restart=True)
+            survivors = sorted(self._actors)
+            if survivors:
+                loads = [sum(self._sizes[c] for c in self._assign[j]) for j in survivors]
+                for j, members in zip(survivors, balance([self._sizes[c] for c in lost], len(survivors), loads),
+                                      strict=True):
+                    self._assign[j].extend(lost[k] for k in members)
+            else:
+                j = self._spawn(lost)
+                self._pids[j] = -1
+        owner = {c: j for j, held in self._assign.items() for c in held}
+        groups: dict[int, list[str]] = {}
+        for c in ids:
+            if c in owner:  # a case labelled meanwhile is no longer owned and needs no score
+                groups.setdefault(owner[c], []).append(c)
+        return groups
 
     def shutdown(self) -> None:
         """Kill the shard actors (idempotent)."""

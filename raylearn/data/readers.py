@@ -28,11 +28,13 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from raylearn.data.imageio import DatasetError, check_geometry, read_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -49,14 +51,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".nrrd")
 _PAIR_SUFFIXES = (("_img", "_seg"), ("_image", "_label"))
-#: tolerances used to call two geometries equal (relative for spacing, mm for origin)
-SPACING_RTOL = 1e-4
-ORIGIN_ATOL_MM = 1e-3
-DIRECTION_ATOL = 1e-4
-
-
-class DatasetError(ValueError):
-    """A dataset folder, file or case is invalid; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,6 @@ class DatasetInfo:
     cases: list[CaseRecord]
     root: Path
     file_ending: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -257,7 +250,7 @@ def _discover_folder(root: Path) -> DatasetInfo:
         values: set[int] = {0}
         for c in cases:
             if c.label_path is not None and c.label_path.is_file():
-                lbl = _read(c.label_path, "label")
+                lbl = read_image(c.label_path, "label")
                 values.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(lbl)))
         labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
         if sorted(labels) != list(range(len(labels))):
@@ -290,39 +283,6 @@ def discover_dataset(path: str | Path) -> DatasetInfo:
         if "training" in meta or "modality" in meta:
             return _discover_msd(root, meta, js)
     return _discover_folder(root)
-
-
-def _read(path: Path, what: str) -> sitk.Image:
-    if not path.is_file():
-        raise DatasetError(f"{path}: {what} file missing")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = next((ln for ln in reversed(lines) if "Exception" not in ln), lines[-1] if lines else "")
-        raise DatasetError(f"{path}: unreadable or corrupt {what} file: {detail[:200]}") from None
-
-
-def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read one file with SimpleITK; :class:`DatasetError` naming the file if missing or corrupt."""
-    return _read(Path(path), what)
-
-
-def _geometry(img: sitk.Image) -> tuple:
-    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-
-
-def check_geometry(ref: sitk.Image, other: sitk.Image, path: Path, what: str, ref_path: Path) -> None:
-    """Raise :class:`DatasetError` unless ``other`` has the size, spacing, origin and direction of ``ref``."""
-    (s0, sp0, o0, d0), (s1, sp1, o1, d1) = _geometry(ref), _geometry(other)
-    if s0 != s1:
-        raise DatasetError(f"{path}: {what} size {s1} (x,y,z) does not match image size {s0} of {ref_path.name}")
-    if not np.allclose(sp0, sp1, rtol=SPACING_RTOL, atol=0):
-        raise DatasetError(f"{path}: {what} spacing {sp1} does not match image spacing {sp0} of {ref_path.name}")
-    if not np.allclose(o0, o1, atol=ORIGIN_ATOL_MM, rtol=0):
-        raise DatasetError(f"{path}: {what} origin {o1} does not match image origin {o0} of {ref_path.name}")
-    if not np.allclose(d0, d1, atol=DIRECTION_ATOL, rtol=0):
-        raise DatasetError(f"{path}: {what} direction {d1} does not match image direction {d0} of {ref_path.name}")
 
 
 def _split_channels(img: sitk.Image, path: Path) -> list[sitk.Image]:
@@ -358,7 +318,7 @@ def read_case(
     """
     pairs: list[tuple[Path, sitk.Image]] = []
     for p in record.image_paths:
-        pairs.extend((p, ch) for ch in _split_channels(_read(p, "image"), p))
+        pairs.extend((p, ch) for ch in _split_channels(read_image(p, "image"), p))
     images = [img for _, img in pairs]
     first = record.image_paths[0]
     if num_channels is not None and len(images) != num_channels:
@@ -367,7 +327,7 @@ def read_case(
         check_geometry(images[0], img, p, "channel", first)
     if record.label_path is None:
         return images, None
-    label = _read(record.label_path, "label")
+    label = read_image(record.label_path, "label")
     if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
         raise DatasetError(f"{record.label_path}: expected a 3D scalar label image, got {label.GetDimension()}D")
     check_geometry(images[0], label, record.label_path, "label", first)

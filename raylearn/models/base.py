@@ -58,3 +58,25 @@ class Segmenter(ABC):
     @abstractmethod
     def load(cls, path: str | Path) -> Segmenter:
         """Restore a segmenter written by :meth:`save`."""
+
+
+def load_segmenter(path: str | Path) -> Segmenter:
+    """Restore any backend's checkpoint written by ``Segmenter.save``.
+
+    A file is a MONAI-backend checkpoint (``raylearn.monai_segmenter/*``); a directory holding
+    ``raylearn_nnunet.json`` is an nnU-Net v2 model folder.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when it is not a checkpoint of a known backend.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.is_dir() or p.suffix == ".json":
+        from raylearn.models.nnunet import NnUNetSegmenter
+
+        return NnUNetSegmenter.load(p)
+    from raylearn.models.unet import MonaiSegmenter
+
+    return MonaiSegmenter.load(p)

@@ -113,6 +113,15 @@ def model_calls_for(names: Iterable[str], params: FeatureParams | None = None) -
     return calls
 
 
+def _call(segmenter: Segmenter, method: str, wanted: set[str], *args, **kwargs):
+    """Call a segmenter method, naming the features that needed it when the backend lacks it."""
+    try:
+        return getattr(segmenter, method)(*args, **kwargs)
+    except NotImplementedError as err:
+        needing = sorted(n for n in wanted if method in FEATURES[n].calls)
+        raise NotImplementedError(f"feature(s) {needing} need {type(segmenter).__name__}.{method}: {err}") from err
+
+
 def _scalar(x: float) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
@@ -158,14 +167,16 @@ def compute_features(
 
     probs = None
     if "tta_variance" in wanted:
-        tta = _check_output(segmenter.predict_tta(image, params.tta_flips), 5, k, spatial, "predict_tta")
+        tta = _check_output(
+            _call(segmenter, "predict_tta", wanted, image, params.tta_flips), 5, k, spatial, "predict_tta"
+        )
         tta_labels = tta.mean(axis=0).argmax(axis=0)
         out["tta_variance"] = _scalar(reduce_map(unc.tta_variance(tta), labels=tta_labels, **red))
         if () in params.tta_flips:
             probs = tta[params.tta_flips.index(())]
     if wanted & _PROB:
         if probs is None:
-            probs = _check_output(segmenter.predict_proba(image), 4, k, spatial, "predict_proba")
+            probs = _check_output(_call(segmenter, "predict_proba", wanted, image), 4, k, spatial, "predict_proba")
         labels = probs.argmax(axis=0)
         maps: dict[str, np.ndarray] = {}
 
@@ -182,14 +193,18 @@ def compute_features(
         if "fg_volume" in wanted:
             out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
         if "weighted_embedding" in wanted:
-            emb = segmenter.embed(image, weights=vmap(params.weight_map))
+            emb = _call(segmenter, "embed", wanted, image, weights=vmap(params.weight_map))
             out["weighted_embedding"] = np.asarray(emb, dtype=np.float32).ravel().astype(np.float16)
     if wanted & _MC:
-        mc = _check_output(segmenter.predict_mc(image, params.mc_samples, params.seed), 5, k, spatial, "predict_mc")
+        mc = _check_output(
+            _call(segmenter, "predict_mc", wanted, image, params.mc_samples, params.seed), 5, k, spatial, "predict_mc"
+        )
         mc_labels = mc.mean(axis=0).argmax(axis=0)
         fns = {"mc_entropy": unc.predictive_entropy, "bald": unc.bald, "mc_variance": unc.mc_variance}
         for name in sorted(wanted & _MC):
             out[name] = _scalar(reduce_map(fns[name](mc), labels=mc_labels, **red))
     if "embedding" in wanted:
-        out["embedding"] = np.asarray(segmenter.embed(image), dtype=np.float32).ravel().astype(np.float16)
+        out["embedding"] = (
+            np.asarray(_call(segmenter, "embed", wanted, image), dtype=np.float32).ravel().astype(np.float16)
+        )
     return {name: out[name] for name in sorted(wanted)}

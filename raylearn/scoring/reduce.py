@@ -86,9 +86,7 @@ def reduce_map(
     raise ValueError(f"unknown reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
 
 
-def foreground_volume(
-    labels: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None
-) -> np.ndarray:
+def foreground_volume(labels: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Predicted volume of each foreground class.
 
     Args:

@@ -3,7 +3,14 @@
 Importing this package registers every strategy module in :data:`STRATEGIES`.
 """
 
-from raylearn.strategies import random, uncertainty  # noqa: F401  (registers strategies)
-from raylearn.strategies.base import STRATEGIES, PoolView, QueryStrategy, build_strategy, register_strategy
+from raylearn.strategies import csal3d, diversity, hybrid, random, sugfw, uncertainty  # noqa: F401  (registers)
+from raylearn.strategies.base import (
+    STRATEGIES,
+    PoolView,
+    QueryStrategy,
+    build_strategy,
+    register_strategy,
+    strategy_info,
+)
 
-__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy"]
+__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy", "strategy_info"]

@@ -18,7 +18,15 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "PoolView",
+    "QueryStrategy",
+    "build_strategy",
+    "configurable_requires",
+    "register_strategy",
+    "strategy_info",
+]
 
 
 @dataclass(frozen=True)
@@ -29,8 +37,9 @@ class PoolView:
         ids: ``[N]`` case ids (str), unique.
         labeled_mask: ``bool [N]``, True where the case is already labelled.
         features: name -> array aligned with ``ids`` on axis 0: scalar scores ``[N]``, embeddings ``[N, F]``,
-            ``fg_volume`` ``[N, K-1]``. Rows of labelled cases may hold anything finite (strategies that use
-            labelled rows, e.g. k-center, need their embeddings).
+            ``fg_volume`` ``[N, K-1]``. Rows of labelled cases may be NaN (not scored) except for strategies whose
+            :meth:`QueryStrategy.needs_labeled_features` is True (k-center, TypiClust, ProbCover use the
+            labelled cases' embeddings).
     """
 
     ids: np.ndarray
@@ -39,11 +48,15 @@ class PoolView:
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)
+        if ids.dtype.kind != "U":  # object arrays of str, bytes, ...: one canonical dtype
+            ids = ids.astype(str)
         mask = np.asarray(self.labeled_mask)
         if ids.ndim != 1:
             raise ValueError(f"PoolView.ids must be 1-d, got shape {ids.shape}")
         if mask.shape != ids.shape or mask.dtype != np.bool_:
-            raise ValueError(f"PoolView.labeled_mask must be bool with shape {ids.shape}, got {mask.dtype} {mask.shape}")
+            raise ValueError(
+                f"PoolView.labeled_mask must be bool with shape {ids.shape}, got {mask.dtype} {mask.shape}"
+            )
         if len(np.unique(ids)) != len(ids):
             raise ValueError("PoolView.ids contains duplicate case ids")
         feats = {}
@@ -75,7 +88,7 @@ class PoolView:
             ids: case ids in pool order.
             labeled: ids already labelled.
             records: case id -> {feature: array}; every id must have the same feature names. Labelled cases
-                may be missing; their rows are filled with zeros (NaN would break distance computations).
+                may be missing; their rows are filled with NaN.
         """
         labeled = set(labeled)
         names: set[str] | None = None
@@ -90,10 +103,26 @@ class PoolView:
         feats: dict[str, np.ndarray] = {}
         for name in sorted(names or ()):
             template = next(np.asarray(records[c][name]) for c in ids if c in records)
-            rows = [np.asarray(records[c][name]) if c in records else np.zeros_like(template) for c in ids]
+            missing = np.full(template.shape, np.nan, dtype=np.result_type(template.dtype, np.float16))
+            rows = [np.asarray(records[c][name]) if c in records else missing for c in ids]
             feats[name] = np.stack(rows)
         mask = np.array([c in labeled for c in ids], dtype=bool)
         return cls(np.asarray(ids, dtype=str), mask, feats)
+
+
+class configurable_requires:  # noqa: N801  (used like a constant in class bodies)
+    """``requires`` for strategies whose features are hyperparameters (e.g. ``score="bald"``).
+
+    On the class it is the default set (a plain frozenset, as for every strategy); on an instance it is
+    :meth:`QueryStrategy.required_features` of that configuration, so ``strategy.requires`` is always what the
+    pool must compute.
+    """
+
+    def __init__(self, default: frozenset[str]) -> None:
+        self.default = frozenset(default)
+
+    def __get__(self, obj: QueryStrategy | None, objtype: type | None = None) -> frozenset[str]:
+        return self.default if obj is None else obj.required_features()
 
 
 class QueryStrategy(ABC):
@@ -112,8 +141,16 @@ class QueryStrategy(ABC):
         self.random_state = random_state
 
     def required_features(self) -> frozenset[str]:
-        """Features this configured instance needs (``requires`` plus any configurable score feature)."""
-        return self.requires
+        """Features this configured instance needs (the class's ``requires`` plus any configurable feature).
+
+        ``instance.requires`` returns the same set (see :class:`configurable_requires`).
+        """
+        return type(self).requires
+
+    def needs_labeled_features(self) -> bool:
+        """Whether :meth:`select` also reads the required features of the *labelled* cases (so the pool must
+        score them too). False by default; True for strategies seeded with the labelled set."""
+        return False
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -144,10 +181,15 @@ class QueryStrategy(ABC):
             raise ValueError(
                 f"{self.name}: pool lacks required feature(s) {missing} (has: {sorted(pool.features) or 'none'})"
             )
-        for name in self.required_features():
+        for name in sorted(self.required_features()):
             arr = pool.features[name]
             if not np.all(np.isfinite(arr[~pool.labeled_mask])):
                 raise ValueError(f"{self.name}: feature {name!r} has non-finite values for unlabelled cases")
+            if self.needs_labeled_features() and not np.all(np.isfinite(arr[pool.labeled_mask])):
+                raise ValueError(
+                    f"{self.name}: feature {name!r} is missing (non-finite) for labelled cases; this strategy uses "
+                    "the labelled cases' features too, so the pool must score them as well"
+                )
 
     def select(self, pool: PoolView, budget: int) -> np.ndarray:
         """Choose ``budget`` unique unlabelled case ids.
@@ -159,8 +201,9 @@ class QueryStrategy(ABC):
         Returns:
             ``str [budget]`` case ids, in selection order (most preferred first where the strategy ranks).
         """
-        self._check(pool, int(budget))
-        idx = np.asarray(self._select(pool, int(budget)), dtype=np.int64)
+        self._check(pool, budget)
+        budget = int(budget)
+        idx = np.asarray(self._select(pool, budget), dtype=np.int64)
         if len(idx) != budget or len(np.unique(idx)) != budget or pool.labeled_mask[idx].any():
             raise RuntimeError(f"{self.name}: internal error, produced an invalid selection {idx.tolist()}")
         return pool.ids[idx].copy()
@@ -202,4 +245,30 @@ def build_strategy(name: str, **params: Any) -> QueryStrategy:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
-    return cls(**params)
+    strategy = cls(**params)
+    from raylearn.scoring.features import FEATURES
+
+    bad = sorted(strategy.required_features() - set(FEATURES))
+    if bad:
+        raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(FEATURES))}")
+    return strategy
+
+
+def strategy_info() -> list[dict[str, Any]]:
+    """One row per registered strategy: ``name``, ``params`` (defaults), ``requires``, ``summary`` (for CLIs/docs)."""
+    rows = []
+    for name in sorted(STRATEGIES):
+        cls = STRATEGIES[name]
+        inst = cls()
+        paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+        summary = " ".join(line.strip() for line in paragraph.splitlines())
+        rows.append(
+            {
+                "name": name,
+                "params": inst.get_params(),
+                "requires": sorted(inst.required_features()),
+                "uses_labeled": inst.needs_labeled_features(),
+                "summary": summary,
+            }
+        )
+    return rows

@@ -9,6 +9,7 @@ from raylearn.strategies.base import PoolView, QueryStrategy, register_strategy
 __all__ = [
     "BALDStrategy",
     "EntropyStrategy",
+    "LeastConfidencePaperStrategy",
     "LeastConfidenceStrategy",
     "MCEntropyStrategy",
     "MarginStrategy",

@@ -1,0 +1,87 @@
+"""``raylearn compare``: strategies x seeds on one experiment, a papers-style table and one plot.
+
+For each seed the cold-start set is shared across strategies (the first strategy's round-0 selection
+is re-used by the others), as the papers do. Runs land in ``<out>/<strategy>/seed_<s>`` and are
+resumable; the table (mean ± sd Dice at each labelled %, ALC, S% = least labelled % reaching the
+full-data Dice) goes to ``compare.md`` / ``compare.json`` and the plot to ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from raylearn.config import ConfigError
+from raylearn.curves import format_table, plot_compare, summarise_runs
+from raylearn.experiment import ExperimentConfig, load_experiment
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compare", "compare_cli"]
+
+
+def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: str | Path,
+            resume: bool = True, strategy_params: dict[str, dict] | None = None) -> dict:
+    """Run every (strategy, seed) pair and summarise. Returns ``{"rows": [...], "table": str, ...}``."""
+    from raylearn.loop import run_experiment
+    from raylearn.strategies import build_strategy
+
+    if not strategies:
+        raise ConfigError("compare: give at least one strategy")
+    for name in strategies:  # fail before any run starts
+        try:
+            build_strategy(name, **(strategy_params or {}).get(name, {}))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"compare: --strategies: {err}") from None
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = base.data.store or str(out / "store")
+    curves: dict[str, list[list[tuple[float, float]]]] = {s: [] for s in strategies}
+    references: list[float] = []
+    for seed in seeds:
+        first_dir: Path | None = None
+        for name in strategies:
+            run_dir = out / name / f"seed_{seed}"
+            update = {
+                "name": f"{base.name}-{name}-s{seed}",
+                "seed": seed,
+                "output_dir": str(run_dir),
+                "data": base.data.model_copy(update={"store": store}),
+                "strategy": base.strategy.model_copy(update={"name": name,
+                                                             "params": (strategy_params or {}).get(name, {})}),
+                # the full-data reference is trained once per seed (first strategy) and shared
+                "evaluate": base.evaluate.model_copy(
+                    update={"full_data_reference": base.evaluate.full_data_reference and first_dir is None}),
+            }
+            cfg = base.model_copy(update=update)
+            log.info("compare: %s seed %d -> %s", name, seed, run_dir)
+            res = run_experiment(cfg, resume=resume, cold_start_from=first_dir)
+            curves[name].append([(r["fraction_labelled"], r["metrics"].get("dice_mean", float("nan")))
+                                 for r in res.rounds])
+            if res.summary.get("full_data_dice") is not None:
+                references.append(res.summary["full_data_dice"])
+            first_dir = first_dir or run_dir
+    reference = float(sum(references) / len(references)) if references else None
+    rows = summarise_runs(curves, reference=reference)
+    table = format_table(rows)
+    result = {"strategies": list(strategies), "seeds": list(seeds), "reference_dice": reference, "rows": rows,
+              "table": table}
+    tmp = out / "compare.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "compare.json")
+    (out / "compare.md").write_text(table + "\n")
+    plot_compare(rows, out / "compare.png", reference=reference, title=base.name)
+    return result
+
+
+def compare_cli(config: str | Path, strategies: Sequence[str], seeds: int = 3, out: str | Path | None = None) -> int:
+    """Finished (strategy, seed) runs under ``out`` are re-used; unfinished ones resume from their ledgers."""
+    base = load_experiment(config)
+    out = Path(out) if out is not None else Path(base.output_dir) / "compare"
+    res = compare(base, strategies, list(range(seeds)), out, resume=True)
+    print(res["table"])
+    print(f"outputs: {out}/compare.md, compare.json, compare.png")
+    return 0

@@ -1,0 +1,151 @@
+"""Serve configuration: pydantic models for the two deployments and the Serve config file reader.
+
+``deployments/serve.yaml`` is a standard Ray Serve config file (``serve run deployments/serve.yaml``).
+raylearn's own settings live in each deployment's ``user_config`` and are validated here (unknown keys are
+errors); Serve's deployment options (``num_replicas``, ``autoscaling_config``, ``ray_actor_options`` with
+``num_gpus``, ``max_ongoing_requests``) stay in Serve's own schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
+from raylearn.data.preprocess import PreprocessConfig
+from raylearn.models.sam_med3d import SamMed3DConfig
+
+INGRESS_NAME = "SamMed3DIngress"
+MODEL_NAME = "SamMed3DModel"
+DEFAULT_TOKEN_ENV = "RAYLEARN_SERVE_TOKEN"
+#: per-process guard state of an ingress replica (bearer token, upload limit), set by its ``reconfigure``.
+#: It lives here, in an importable module, because Serve ships the ingress class by value: a module global
+#: of ``app.py`` read inside its methods would be a private copy, not what the auth dependency sees.
+GUARD: dict = {"token": None, "max_bytes": 256 << 20}
+
+
+class BatchingConfig(StrictModel):
+    """``@serve.batch`` settings of the model deployment (``enabled: false`` = batches of one)."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(4, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
+
+
+class ModelDeploymentConfig(StrictModel):
+    """``user_config`` of the ``SamMed3DModel`` deployment."""
+
+    model: SamMed3DConfig = Field(default_factory=SamMed3DConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+
+class PreannotateConfig(StrictModel):
+    """Defaults of ``POST /v1/preannotate`` (prediction -> prompt)."""
+
+    n_clicks: int = Field(5, ge=1, le=50)
+    n_negative: int = Field(0, ge=0, le=50)
+    seed: int = 0
+
+
+class IngressConfig(StrictModel):
+    """``user_config`` of the ``SamMed3DIngress`` deployment (the HTTP API).
+
+    Attributes:
+        classes: label value -> name of the classes a click may target (and the segmenter predicts).
+        segmenter_checkpoint: a ``MonaiSegmenter.save`` checkpoint for ``/v1/preannotate`` (None disables it).
+        segmenter_preprocess: preprocessing the segmenter was trained with (applied before predicting).
+        auth_token: bearer token required on ``/v1/*``; falls back to the env var ``auth_token_env``;
+            no token at all = no auth.
+        max_upload_mb: larger request bodies get 413.
+        session_ttl_s: idle sessions expire after this many seconds.
+        max_sessions: the least recently used session is dropped beyond this.
+        embedding_cache_size: image embeddings kept (LRU) for one-shot requests on the same volume.
+    """
+
+    classes: dict[int, str] = Field(default_factory=lambda: {1: "object"})
+    segmenter_checkpoint: str | None = None
+    segmenter_preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    preannotate: PreannotateConfig = Field(default_factory=PreannotateConfig)
+    auth_token: str | None = None
+    auth_token_env: str = DEFAULT_TOKEN_ENV
+    max_upload_mb: float = Field(256.0, gt=0)
+    session_ttl_s: float = Field(1800.0, gt=0)
+    max_sessions: int = Field(32, ge=1)
+    embedding_cache_size: int = Field(8, ge=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: dict[int, str]) -> dict[int, str]:
+        if not v:
+            raise ValueError("at least one class is required")
+        if any(not 1 <= k <= 255 for k in v):
+            raise ValueError("class values must lie in 1..255 (0 is background)")
+        return v
+
+
+class DeploymentOptions(StrictModel):
+    """The Serve deployment options raylearn passes to ``.options(...)`` when it builds the app in Python."""
+
+    num_replicas: int | str | None = None
+    max_ongoing_requests: int | None = None
+    ray_actor_options: dict[str, Any] | None = None
+    autoscaling_config: dict[str, Any] | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ServeConfig(StrictModel):
+    """Everything :func:`raylearn.serve.app.build_app` needs (read from a Serve config file or built in code)."""
+
+    name: str = "raylearn"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    model: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig)
+    ingress_options: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    model_options: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+_OPTION_KEYS = set(DeploymentOptions.model_fields)
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """Read a Ray Serve config file (``applications: - import_path: raylearn.serve.app:app ...``).
+
+    Takes ``http_options.host/port``, the first application's ``name`` and ``route_prefix``, and per
+    deployment (``SamMed3DIngress``, ``SamMed3DModel``) its ``user_config`` (validated strictly) and Serve
+    options. Raises :class:`ConfigError` naming the file and key.
+    """
+    src = str(path)
+    raw = load_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: <root>: expected a mapping")
+    http = raw.get("http_options") or {}
+    apps = raw.get("applications") or []
+    if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise ConfigError(f"{src}: applications: expected a list with the raylearn application")
+    app = apps[0]
+    data: dict[str, Any] = {k: v for k, v in (("host", http.get("host")), ("port", http.get("port")),
+                                              ("name", app.get("name")), ("route_prefix", app.get("route_prefix")))
+                            if v is not None}
+    for i, dep in enumerate(app.get("deployments") or []):
+        name = dep.get("name") if isinstance(dep, dict) else None
+        if name not in (INGRESS_NAME, MODEL_NAME):
+            raise ConfigError(f"{src}: applications.0.deployments.{i}.name: expected {INGRESS_NAME} or {MODEL_NAME}, "
+                              f"got {name!r}")
+        kind = "ingress" if name == INGRESS_NAME else "model"
+        if dep.get("user_config") is not None:
+            data[kind] = dep["user_config"]
+        data[f"{kind}_options"] = {k: v for k, v in dep.items() if k in _OPTION_KEYS}
+    try:
+        return parse_config(data, ServeConfig, source=src)
+    except ConfigError as err:  # name keys as they are spelt in the file
+        msg = str(err)
+        for kind, name in (("ingress", INGRESS_NAME), ("model", MODEL_NAME)):
+            msg = msg.replace(f": {kind}.", f": deployments[{name}].user_config.")
+            msg = msg.replace(f": {kind}_options.", f": deployments[{name}].")
+        raise ConfigError(msg) from None
