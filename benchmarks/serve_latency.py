@@ -3,8 +3,9 @@
 Measures, in one run on one machine:
   * p50/p95 latency of a first request (one-shot ``/v1/segment`` on a new volume: encoder + decoder) and of a
     follow-up click in a session (decoder only), and their ratio;
-  * throughput with 4 concurrent clients, ``@serve.batch`` on vs off (live reconfigure of the model deployment),
-    for first requests and for follow-up clicks, with the mean batch size the model replica saw.
+  * throughput with 4 concurrent clients, ``@serve.batch`` on vs off (redeploy with the other user_config),
+    for first requests and for follow-up clicks, with the mean batch size the model replica saw;
+  * in process (no HTTP): encoder vs prompt encoder + decoder of the small and of the full 100.5 M model on CPU.
 
     python benchmarks/serve_latency.py [--n 20] [--preset small] [--out benchmarks/results/serve_latency.json]
 """
@@ -56,11 +57,40 @@ def _pct(xs: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(xs)}
 
 
+def _model_only(preset: str, n: int) -> dict:
+    """Encoder vs prompt encoder + mask decoder, in this process (no HTTP), random weights, CPU."""
+    import torch
+
+    from raylearn.models.sam_med3d import SamMed3D, SamMed3DConfig
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    m = SamMed3D(SamMed3DConfig(preset=preset, device="cpu"))
+    s = m.image_size
+    w = np.random.default_rng(0).normal(size=(1, s, s, s)).astype(np.float32)
+    emb = m.encode(w)  # warm-up
+    enc, dec = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        emb = m.encode(w)
+        enc.append(time.perf_counter() - t)
+    low = None
+    for i in range(max(n, 5)):
+        t = time.perf_counter()
+        low = m.decode(emb, [np.array([[s / 2, s / 2, s / 2 + i % 3]])], [np.array([1])], [low[0] if low is not None
+                                                                                          else None])
+        dec.append(time.perf_counter() - t)
+    e, d = _pct(enc), _pct(dec)
+    return {"parameters": m.num_parameters, "input_size": s, "encoder": e, "decoder": d,
+            "ratio_p50": e["p50_ms"] / d["p50_ms"]}
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="requests per latency figure")
     ap.add_argument("--throughput-requests", type=int, default=16, help="requests per throughput figure")
     ap.add_argument("--preset", default="small", choices=["small", "full"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the served model")
+    ap.add_argument("--full-runs", type=int, default=3, help="in-process encoder runs of the full model (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_latency.json"))
     args = ap.parse_args()
 
@@ -81,13 +111,14 @@ def main() -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def config(batching: bool) -> ServeConfig:
-        model = ModelDeploymentConfig(model=SamMed3DConfig(preset=args.preset, device="cpu"),
+        model = ModelDeploymentConfig(model=SamMed3DConfig(preset=args.preset, device=args.device),
                                       batching={"enabled": batching, "max_batch_size": 4,
                                                 "batch_wait_timeout_s": 0.01})
         return ServeConfig(name="bench", ingress=IngressConfig(classes={1: "anterior", 2: "posterior"},
                                                                  embedding_cache_size=4, max_sessions=64),
                            model=model, ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-                           model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}))
+                           model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0,
+                                                                             "num_gpus": int(args.device == "cuda")}))
 
     serve.run(build_app(config(True)), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -162,6 +193,7 @@ def main() -> dict:
     ray.shutdown()
 
     first_p, click_p = _pct(lat_first), _pct(lat_click)
+    model_only = {p: _model_only(p, n) for p, n in (("small", args.n), ("full", args.full_runs)) if n > 0}
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -174,6 +206,7 @@ def main() -> dict:
                     "ratio_first_over_click_p50": first_p["p50_ms"] / click_p["p50_ms"],
                     "ratio_first_over_click_p95": first_p["p95_ms"] / click_p["p95_ms"]},
         "throughput_4_clients": tp,
+        "model_only_in_process": model_only,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -187,6 +220,9 @@ def main() -> dict:
         on, off = v["batching_on"], v["batching_off"]
         print(f"  4 clients, {kind:5s}: batching on {on['requests_per_s']:.2f} req/s vs off "
               f"{off['requests_per_s']:.2f} req/s ({v['speedup_on_vs_off']:.2f}x)")
+    for p, m in model_only.items():
+        print(f"  in-process {p} ({m['parameters']:,} params): encoder p50 {m['encoder']['p50_ms']:.1f} ms, "
+              f"prompt encoder + decoder p50 {m['decoder']['p50_ms']:.1f} ms ({m['ratio_p50']:.0f}x)")
     print(f"written {args.out}")
     return result
 

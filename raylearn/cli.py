@@ -32,13 +32,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_test=args.n_test,
         test_fraction=args.test_fraction,
+        progress=sys.stderr.isatty(),
     )
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from raylearn.data.fetch import fetch_msd
 
-    path = fetch_msd(args.task, args.dir, base_url=args.base_url)
+    path = fetch_msd(args.task, args.dir, base_url=args.base_url, md5=args.md5)
     print(f"{args.task} ready at {path}")
     return 0
 
@@ -47,7 +48,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     from raylearn.data.phantom import make_phantom_dataset
 
     shape = tuple(int(s) for s in args.shape.split(","))
-    path = make_phantom_dataset(args.out, n_cases=args.n_cases, shape=shape, seed=args.seed)
+    path = make_phantom_dataset(args.out, n_cases=args.n_cases, shape=shape, seed=args.seed,
+                                n_structures=args.n_structures)
     print(f"wrote {args.n_cases} phantom cases to {path}")
     return 0
 
@@ -114,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("task", help="e.g. Task04_Hippocampus")
     f.add_argument("dir", type=Path, help="destination folder")
     f.add_argument("--base-url", default=None, help="mirror URL (default: the MSD bucket)")
+    f.add_argument("--md5", default=None, help="expected md5 of the tar (default: MONAI's published value)")
     f.set_defaults(func=_cmd_fetch)
     ph = dsub.add_parser("phantom", help="generate the embedded default phantom dataset (MSD layout)")
     ph.add_argument("out", type=Path)
     ph.add_argument("--n-cases", type=int, default=40)
     ph.add_argument("--shape", default="48,48,48", help="D,H,W (default 48,48,48)")
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--n-structures", type=int, default=2, help="labelled structures per phantom (default 2)")
     ph.set_defaults(func=_cmd_phantom)
 
     r = sub.add_parser("run", help="run an active learning experiment from a YAML file",

@@ -204,16 +204,20 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     rounds = ledger.rounds()
     labeled: list[str] = [cid for r in rounds for cid in r["selected"]]
     checkpoint: str | None = rounds[-1]["checkpoint"] if rounds else None
-    if on_round is not None:
-        for i in range(len(rounds)):
-            on_round(rounds[i], rounds[: i + 1])
     if rounds:
         log.info("resuming %s after round %d (%d cases labelled)", out, rounds[-1]["round"], len(labeled))
     if cold_start_from is not None and ledger.selection(0) is None:
-        other = Ledger(Path(cold_start_from) / "ledger.jsonl").selection(0)
+        other = Ledger(Path(cold_start_from) / "ledger.jsonl", readonly=True).selection(0)
         if other is None:
             raise ConfigError(f"{cold_start_from}: has no round-0 selection to share")
         ledger.append("selected", round=0, ids=other["ids"], scores=None, shared_from=str(cold_start_from))
+        _share_round0(Path(cold_start_from), ledger, cfg_json, out)
+        rounds = ledger.rounds()
+        labeled = [cid for r in rounds for cid in r["selected"]]
+        checkpoint = rounds[-1]["checkpoint"] if rounds else None
+    if on_round is not None:
+        for i in range(len(rounds)):
+            on_round(rounds[i], rounds[: i + 1])
 
     oracle = SimulatedOracle(store)
     evaluator = _Evaluator(store, test_ids, cfg.evaluate.hd95, n_chunks=2)
@@ -295,6 +299,30 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "summary.json")
     return RunResult(out, rounds, summary)
+
+
+_ROUND0_KEYS = ("seed", "data", "cold_start", "model", "train")
+
+
+def _share_round0(other_dir: Path, ledger: Ledger, cfg_json: dict, out: Path) -> None:
+    """Re-use another run's round-0 model when everything that shapes it is identical (strategy aside):
+    training is deterministic for a seed, so retraining would give the same checkpoint."""
+    other = Ledger(other_dir / "ledger.jsonl", readonly=True)
+    rec = next((r for r in other.rounds() if r["round"] == 0), None)
+    hdr = other.header()
+    if rec is None or hdr is None or any(hdr["config"].get(k) != cfg_json.get(k) for k in _ROUND0_KEYS):
+        return
+    ev, ev_other = cfg_json["evaluate"], hdr["config"]["evaluate"]
+    if (ev["hd95"], ev["max_test_cases"]) != (ev_other["hd95"], ev_other["max_test_cases"]):
+        return
+    dst = out / "checkpoints" / "round_00.pt"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rec["checkpoint"], dst.with_suffix(".tmp"))
+    os.replace(dst.with_suffix(".tmp"), dst)
+    payload = {k: v for k, v in rec.items() if k != "kind"}
+    ledger.append("round", **{**payload, "checkpoint": str(dst), "shared_from": str(other_dir),
+                              "config_hash": config_hash(cfg_json)})
+    log.info("round 0 shared from %s (same cold-start set, model and training config)", other_dir)
 
 
 def _score_all(pool, store, checkpoint: str, needs: list[str], lab_needs: list[str], cfg: ExperimentConfig,

@@ -46,12 +46,20 @@ class FitResult:
     """Outcome of one round of training.
 
     Attributes:
-        checkpoint_path: best model by validation Dice (a :meth:`MonaiSegmenter.save` file, or for the nnU-Net
-            backend its ``checkpoint_best.pth``); load with :func:`raylearn.models.load_segmenter`.
-        history: one dict per epoch (``epoch``, ``loss``, ``val_dice``, ``val_dice_<class>``, ``lr``,
-            ``train_s``, ``val_s``, ``validated``, ``attempt``).
-        best_val_dice: mean foreground Dice of the best checkpoint on the validation cases.
+        checkpoint_path: best model by validation Dice, ``<storage_path>/<name>/best.pt`` (a
+            :meth:`MonaiSegmenter.save` file, or an nnU-Net bundle of ``checkpoint_best.pth``); load either
+            with :func:`raylearn.models.loading.load_segmenter`.
+        history: one dict per epoch (``epoch``, ``loss``, ``val_dice``, ``val_dice_<class name>``, ``lr``,
+            ``steps``, ``train_s``, ``val_s``, ``validated``, ``attempt``, ``ddp_param_spread``, ``epoch_start``,
+            ``cpu_s``; nnU-Net: ``epoch``, ``loss``, ``val_loss``, ``val_dice``, ``ema_val_dice``, ``lr``, ``epoch_s``).
+        best_val_dice: mean foreground Dice of the best checkpoint on the validation cases (nnU-Net: its
+            EMA pseudo-Dice).
         wall_s: wall-clock seconds of the whole round (including Ray Train start-up).
+        best_epoch: 1-based epoch of the best checkpoint.
+        train_ids, val_ids: the split used; ``val_on_train`` when too few labels to hold any out.
+        run_dir: ``<storage_path>/<name>``.
+        restarts: worker-group restarts after failures (nnU-Net: 1 when a retried task resumed).
+        extra: backend details (nnU-Net: ``plans_file``, ``plans_sha256``, ``planned``, ``preprocessed``).
     """
 
     checkpoint_path: Path
@@ -159,6 +167,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     names = config["class_names"]
 
     for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.time()
         torch.manual_seed(cfg.seed * 100003 + epoch * 101 + rank)  # dropout masks; worker process only
         loader = T.make_train_loader(train_cases, model_cfg, cfg, seed=cfg.seed * 100003 + epoch * 101 + rank)
         hook = _fault_hook(config.get("fail_once"), epoch, rank)
@@ -188,6 +197,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             "val_s": time.perf_counter() - t0,
             "attempt": attempt,
             "ddp_param_spread": spread,
+            "epoch_start": epoch_start,  # Unix time at the epoch's start, for throughput measurements
+            "cpu_s": time.process_time(),  # CPU seconds used by this worker process so far
         }
         for c in range(k):
             metrics[f"val_dice_{names[c]}"] = float(sums[c] / counts[c]) if counts[c] > 0 else float("nan")
@@ -394,7 +405,12 @@ def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg,
     )
     logger.info("[%s] nnU-Net %s: %d training, %d validation cases", name, cfg.configuration, len(train_ids),
                 len(val_ids))
-    init = str(init_checkpoint) if init_checkpoint is not None else None
+    init = None
+    if init_checkpoint is not None:
+        from raylearn.models.nnunet import NnUNetSegmenter
+
+        NnUNetSegmenter.read_bundle(init_checkpoint)  # fail here, naming the file, if it is not a bundle
+        init = str(Path(init_checkpoint).resolve())
     out = ray.get(task.remote(store, train_ids, val_ids, cfg.model_dump(mode="json"), str(work), str(out_path), name,
                               init, train_cfg.use_gpu))
     (run_dir / "history.json").write_text(json.dumps(out, indent=1, default=str))

@@ -163,7 +163,13 @@ def preprocess_case(
     if not images:
         raise ValueError("preprocess_case: no image channels given")
     imgs = [sitk.Cast(im, sitk.sitkFloat32) for im in images]
-    lbl = sitk.Cast(label, sitk.sitkUInt8) if label is not None else None
+    lbl = None
+    if label is not None:
+        mm = sitk.MinimumMaximumImageFilter()
+        mm.Execute(label)
+        if mm.GetMinimum() < 0 or mm.GetMaximum() > 255:
+            raise ValueError(f"label values must lie in [0, 255], got [{mm.GetMinimum()}, {mm.GetMaximum()}]")
+        lbl = sitk.Cast(label, sitk.sitkUInt8)
     source = grid_of(imgs[0])
     source["orientation"] = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(imgs[0].GetDirection())
     meta: dict[str, Any] = {"source": source, "config": cfg.model_dump(mode="json")}

@@ -250,7 +250,10 @@ def _discover_folder(root: Path) -> DatasetInfo:
         values: set[int] = {0}
         for c in cases:
             if c.label_path is not None and c.label_path.is_file():
-                lbl = read_image(c.label_path, "label")
+                try:
+                    lbl = read_image(c.label_path, "label")
+                except DatasetError:
+                    continue  # reported by read_case, so that skip_bad can leave the case out
                 values.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(lbl)))
         labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
         if sorted(labels) != list(range(len(labels))):

@@ -34,6 +34,9 @@ __all__ = [
     "diff_settings",
     "input_fingerprint",
     "split_cases",
+    "check_existing",
+    "report_from",
+    "settings_of",
 ]
 
 

@@ -180,6 +180,7 @@ def ingest(
             },
         }
         (tmp / STORE_JSON).write_text(json.dumps(meta, indent=1))  # written last: marks completeness
+        _fsync_tree(tmp)  # data on disk before the rename makes the store visible
         try:
             if out.exists():
                 out.rmdir()  # empty (checked above)
@@ -196,6 +197,13 @@ def ingest(
         raise
     logger.info("ingested %d cases into %s in %.1f s", len(rows), out, wall)
     return report_from(out, meta, reused=False)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _write_cases(

@@ -188,9 +188,9 @@ class MonaiSegmenter(Segmenter):
         """Globally pooled bottleneck features ``float32 [F]`` (``F = channels[-1]``).
 
         The whole image (zero-padded to a multiple of the total down-sampling) goes through the encoder;
-        the decoder is skipped. With ``weights [D, H, W]`` (e.g. a voxel uncertainty map, >= 0) the pooling
-        is a weighted mean, the weights resized (area-averaged) to the bottleneck grid; all-zero weights fall
-        back to the plain mean.
+        the decoder is skipped. Pooling is a mean over the bottleneck cells covering the image (padding excluded);
+        with ``weights [D, H, W]`` (e.g. a voxel uncertainty map, >= 0) it is a weighted mean, the weights
+        resized (area-averaged) to the bottleneck grid; all-zero weights fall back to the plain mean.
         """
         x = self._as_input(image)
         factor = int(np.prod(self.cfg.strides))
@@ -211,19 +211,18 @@ class MonaiSegmenter(Segmenter):
             feats = stop.features.float()[0]  # [F, d, h, w]
         finally:
             handle.remove()
-        if weights is None:
-            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
-        w = np.asarray(weights, dtype=np.float32)
-        if w.shape != tuple(image.shape[1:]):
-            raise ValueError(f"weights must be [D, H, W] = {tuple(image.shape[1:])}, got {w.shape}")
+        shape = tuple(np.asarray(image).shape[1:])
+        w = np.ones(shape, np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        if w.shape != shape:
+            raise ValueError(f"weights must be [D, H, W] = {shape}, got {w.shape}")
         if np.any(w < 0) or not np.all(np.isfinite(w)):
             raise ValueError("weights must be finite and >= 0")
+        if not w.any():
+            w = np.ones(shape, np.float32)
+        # the zero padding gets weight 0, so plain pooling averages over the image itself
         wt = F.pad(torch.from_numpy(w)[None, None], [0, pads[2], 0, pads[1], 0, pads[0]])
         wt = F.interpolate(wt, size=tuple(feats.shape[1:]), mode="area")[0, 0].to(feats.device)
-        total = wt.sum()
-        if total <= 0:
-            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
-        pooled = (feats * wt[None]).sum(dim=(1, 2, 3)) / total
+        pooled = (feats * wt[None]).sum(dim=(1, 2, 3)) / wt.sum()
         return pooled.cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------------ weights and checkpoints

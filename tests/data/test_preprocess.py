@@ -119,6 +119,13 @@ def test_none_normalisation_and_multichannel(rng):
     np.testing.assert_array_equal(pre.image[0, :, 3:12, 3:13], a)
 
 
+def test_label_out_of_uint8_range_is_refused(rng):
+    img, _, _, lbl = _case(rng)
+    big = _image(lbl.astype(np.int16) * 200)
+    with pytest.raises(ValueError, match=r"label values must lie in \[0, 255\], got \[0.0, 400.0\]"):
+        preprocess_case([img], big)
+
+
 def test_restore_rejects_wrong_shape(rng):
     img, lbl, _, _ = _case(rng)
     pre = preprocess_case([img], lbl)

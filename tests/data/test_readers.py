@@ -205,3 +205,15 @@ def test_non_integer_label(make_msd, rng):
     root = make_msd({"c": (img, lbl.astype(np.float32) + 0.5)})
     with pytest.raises(DatasetError, match="non-integer values"):
         read_case(discover_dataset(root).cases[0])
+
+
+def test_folder_label_inference_leaves_corrupt_files_to_read_case(tmp_path, rng):
+    for cid in ("a", "b"):
+        img, lbl = blob_case(rng)
+        write_image(tmp_path / "images" / f"{cid}.nii.gz", img)
+        write_image(tmp_path / "labels" / f"{cid}.nii.gz", lbl)
+    (tmp_path / "labels" / "b.nii.gz").write_bytes(b"broken")
+    info = discover_dataset(tmp_path)
+    assert info.labels == {0: "background", 1: "label_1", 2: "label_2"}
+    with pytest.raises(DatasetError, match=r"labels/b\.nii\.gz: unreadable or corrupt label file"):
+        read_case(info.cases[1], info.labels)

@@ -238,24 +238,21 @@ def test_bad_session_requests(server):
 
 
 def test_auth_and_session_expiry_after_reconfigure(server):
-    """Live reconfigure (user_config): bearer auth on, short TTL; then back off."""
+    """Redeploy with bearer auth on and a short TTL (auth off = every test above). Keep this test last."""
     c, cfg = server.client, server.cfg
     on = cfg.model_copy(update={"ingress": cfg.ingress.model_copy(update={"auth_token": "s3cret",
-                                                                          "session_ttl_s": 1.0})})
+                                                                          "session_ttl_s": 4.0})})
     server.serve.run(build_app(on), name=cfg.name, route_prefix="/")
-    try:
-        assert c.get("/healthz").status_code == 200  # liveness stays open
-        r = c.get("/v1/info")
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert c.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        auth = {"Authorization": "Bearer s3cret"}
-        assert c.get("/v1/info", headers=auth).json()["auth"] is True
-        assert c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}).status_code == 401
-        sid = c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}, headers=auth).json()["session_id"]
-        assert c.get(f"/v1/sessions/{sid}", headers=auth).status_code == 200
-        time.sleep(1.5)
-        r = c.post(f"/v1/sessions/{sid}/clicks", json={"clicks": [{"label": 1, "voxel": [1, 1, 1]}]}, headers=auth)
-        assert r.status_code == 404  # expired while idle
-    finally:
-        server.serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    assert c.get("/v1/info").status_code == 200
+    assert c.get("/healthz").status_code == 200  # liveness stays open
+    r = c.get("/v1/info")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert c.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    assert c.get("/v1/info", headers=auth).json()["auth"] is True
+    assert c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}).status_code == 401
+    sid = c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}, headers=auth).json()["session_id"]
+    assert c.get(f"/v1/sessions/{sid}", headers=auth).status_code == 200
+    time.sleep(4.5)
+    r = c.post(f"/v1/sessions/{sid}/clicks", json={"clicks": [{"label": 1, "voxel": [1, 1, 1]}]}, headers=auth)
+    assert r.status_code == 404  # expired while idle
+    assert c.get("/v1/info", headers=auth).json()["sessions"] == 0

@@ -1,0 +1,49 @@
+"""`compare`: strategies x seeds with a shared cold start, a papers-style table and one plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylearn.config import ConfigError
+from raylearn.experiment import ExperimentConfig, parse_config
+
+
+def _base(tmp_path) -> ExperimentConfig:
+    return parse_config({
+        "name": "cmp", "output_dir": str(tmp_path / "unused"),
+        "data": {"dataset": "phantom", "phantom": {"n_cases": 12, "shape": [24, 24, 24], "seed": 2}, "n_test": 3},
+        "cold_start": {"size": 2}, "schedule": {"rounds": 1, "batch_size": 2},
+        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0, "patch_size": [16, 16, 16]},
+        "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 1},
+        "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False},
+        "evaluate": {"hd95": False},
+    }, ExperimentConfig)
+
+
+def test_compare_shares_cold_start_and_writes_table(ray_session, tmp_path):
+    from raylearn.compare import compare
+    from raylearn.ledger import Ledger
+
+    out = tmp_path / "cmp"
+    res = compare(_base(tmp_path), ["random", "entropy"], [0], out)
+    led_r = Ledger(out / "random" / "seed_0" / "ledger.jsonl", readonly=True)
+    led_e = Ledger(out / "entropy" / "seed_0" / "ledger.jsonl", readonly=True)
+    assert led_r.selection(0)["ids"] == led_e.selection(0)["ids"]
+    r0 = led_e.rounds()[0]
+    assert r0.get("shared_from"), "round 0 should be re-used, not retrained"
+    assert r0["metrics"] == led_r.rounds()[0]["metrics"]
+    assert [row["strategy"] for row in res["rows"]] == ["random", "entropy"]
+    assert all(len(row["dice_mean"]) == 2 for row in res["rows"])
+    assert "random" in (out / "compare.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["seeds"] == [0]
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_rejects_unknown_strategy_before_running(tmp_path):
+    from raylearn.compare import compare
+
+    with pytest.raises(ConfigError, match="nope"):
+        compare(_base(tmp_path), ["random", "nope"], [0], tmp_path / "x")
+    assert not (tmp_path / "x" / "random").exists()
