@@ -1,7 +1,8 @@
 """Ray tasks used by the loop: test-split evaluation and features of labelled cases.
 
 Each task opens the pool store itself (it pickles by path) and loads the checkpoint once per call,
-so only case ids and compact results cross the object store.
+so only case ids and compact results cross the object store. ``scheduling_strategy="DEFAULT"``
+keeps them out of an enclosing placement group (a Ray Tune trial's), which holds no CPUs for them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def _load(checkpoint: str):
     return load_segmenter(checkpoint)
 
 
-@ray.remote(num_cpus=1, max_retries=2)
+@ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="DEFAULT")
 def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True) -> list[dict]:
     """Predict and score ``ids`` against their ground truth: one metrics row per case."""
     import torch
@@ -37,7 +38,7 @@ def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True
     return rows
 
 
-@ray.remote(num_cpus=1, max_retries=2)
+@ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="DEFAULT")
 def features_for(store, checkpoint: str, ids: Sequence[str], names: Sequence[str], params) -> dict[str, dict]:
     """``compute_features`` for a few cases outside the sharded pool (the labelled ones)."""
     import torch

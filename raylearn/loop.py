@@ -51,6 +51,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
     ray.init(
+        address="local",
         num_cpus=num_cpus or min(os.cpu_count() or 2, 8),
         include_dashboard=False,
         object_store_memory=1024**3,

@@ -114,7 +114,7 @@ class PoolShard:
         return len(self._cases)
 
     def state(self) -> dict[str, Any]:
-        """``{shard, pid, node_id, ids, n_cases, bytes_resident, rss_bytes, uptime_s, segmenter_hash}``."""
+        """``{shard, pid, node_id, ids, n_cases, bytes_resident, rss_bytes, nice, uptime_s, segmenter_hash}``."""
         import psutil
 
         return {
@@ -125,6 +125,7 @@ class PoolShard:
             "n_cases": len(self._cases),
             "bytes_resident": int(sum(im.nbytes for im in self._cases.values())),
             "rss_bytes": int(psutil.Process().memory_info().rss),
+            "nice": os.nice(0),
             "uptime_s": time.time() - self._started,
             "segmenter_hash": self._segmenter[0] if self._segmenter else None,
         }

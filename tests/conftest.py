@@ -22,6 +22,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another cluster a `ray start` left on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=1024**3,

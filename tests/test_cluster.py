@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_ray_job_submit_runs_an_experiment(tmp_path):
     port = 6390
     # --block keeps `ray start` in the foreground, so stopping it stops only this cluster (never `ray stop`,
     # which would kill every Ray instance on the machine, this test session's included)
+    temp_dir = tempfile.mkdtemp(prefix="rljob", dir="/tmp")  # keeps its address file away from other sessions
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             f"--temp-dir={temp_dir}",
                              "--include-dashboard=true", "--dashboard-port=8275",
                              "--object-store-memory=1000000000", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -98,4 +101,5 @@ def test_ray_job_submit_runs_an_experiment(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(out / "ray_train", ignore_errors=True)

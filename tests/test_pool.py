@@ -150,6 +150,19 @@ def test_every_feature_family_reaches_driver_compact_and_aligned(pool2, store, c
     assert stats["n_cases"] == n and sum(s["n"] for s in stats["per_shard"]) == n and stats["redistributions"] == 0
 
 
+@pytest.mark.parametrize("reduction", ["sum", "topk_mean", "foreground"])
+def test_volume_reductions_reach_the_driver(pool2, store, ckpt, params, reduction):
+    from raylearn.scoring.features import compute_features
+
+    p = params.model_copy(update={"reduction": reduction, "topk": 0.1})
+    names = ["entropy", "margin", "bald"]
+    out, mean = pool2.score(ckpt[1], names, p), pool2.score(ckpt[1], names, params)
+    assert not np.allclose(out["features"]["entropy"], mean["features"]["entropy"])  # the reduction was applied
+    ref = compute_features(ckpt[0], store.get(out["ids"][1]).image, names, p)
+    for name in names:
+        np.testing.assert_allclose(out["features"][name][1], ref[name], rtol=2e-3, atol=2e-3, err_msg=name)
+
+
 def test_checkpoint_cached_by_hash_and_instances_accepted(pool2, ckpt, params):
     seg, path = ckpt
     names = ["entropy", "fg_volume"]
@@ -170,7 +183,7 @@ def test_shards_hold_balanced_disjoint_cases(pool2, store):
     assert abs(states[0]["n_cases"] - states[1]["n_cases"]) <= 1  # equal-size phantoms: balanced counts
     for s in states:
         assert s["bytes_resident"] == sum(store.get(c).image.nbytes for c in s["ids"]) and s["rss_bytes"] > 0
-        assert len({s["pid"] for s in states}) == 2
+    assert len({s["pid"] for s in states}) == 2
 
 
 def test_bad_inputs_raise_clear_errors(pool2, store, params, tmp_path):

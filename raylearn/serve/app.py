@@ -141,7 +141,7 @@ async def _guard(request: Request,
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > _rt.GUARD['max_bytes']:
+    if length and length.isdigit() and int(length) > _rt.GUARD["max_bytes"]:
         raise HTTPException(413, f"request body of {int(length)} bytes exceeds the limit of {_rt.GUARD['max_bytes']} "
                                  "bytes (max_upload_mb)")
 
@@ -180,7 +180,7 @@ class SamMed3DIngress:
     def reconfigure(self, user_config: dict) -> None:
         cfg = parse_config(user_config, IngressConfig, source=f"{INGRESS_NAME}.user_config")
         _rt.GUARD["token"] = cfg.auth_token or self._build_token or os.environ.get(cfg.auth_token_env) or None
-        _rt.GUARD['max_bytes'] = int(cfg.max_upload_mb * (1 << 20))
+        _rt.GUARD["max_bytes"] = int(cfg.max_upload_mb * (1 << 20))
         self.sessions.ttl_s, self.sessions.max_sessions = cfg.session_ttl_s, cfg.max_sessions
         self.cache.capacity = cfg.embedding_cache_size
         if cfg.segmenter_checkpoint != (self.cfg.segmenter_checkpoint if self.cfg else None):
@@ -198,7 +198,7 @@ class SamMed3DIngress:
 
     async def _read(self, upload: UploadFile):
         data = await upload.read()
-        if len(data) > _rt.GUARD['max_bytes']:
+        if len(data) > _rt.GUARD["max_bytes"]:
             raise HTTPException(413, f"upload of {len(data)} bytes exceeds the limit of {_rt.GUARD['max_bytes']} bytes")
         try:
             return await asyncio.to_thread(read_volume, data, upload.filename)
@@ -321,8 +321,7 @@ class SamMed3DIngress:
         return self._session_info(self._session(session_id))
 
     @fastapi_app.post("/v1/sessions/{session_id}/clicks", response_model=MaskResponse, responses=_ERRORS)
-    async def add_clicks(self, session_id: str, body: ClicksRequest, request: Request, format: Fmt = None,
-                         ):
+    async def add_clicks(self, session_id: str, body: ClicksRequest, request: Request, format: Fmt = None):
         """Add clicks and refine: decoder only (cached embedding + previous low-res mask per class)."""
         s = self._session(session_id)
         new = [c.to_click() for c in body.clicks]
