@@ -87,7 +87,7 @@ def _model_only(preset: str, n: int) -> dict:
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="requests per latency figure")
-    ap.add_argument("--throughput-requests", type=int, default=16, help="requests per throughput figure")
+    ap.add_argument("--throughput-requests", type=int, default=40, help="requests per throughput figure")
     ap.add_argument("--preset", default="small", choices=["small", "full"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device of the served model")
     ap.add_argument("--full-runs", type=int, default=3, help="in-process encoder runs of the full model (0: skip)")
@@ -222,7 +222,7 @@ def main() -> dict:
               f"{off['requests_per_s']:.2f} req/s ({v['speedup_on_vs_off']:.2f}x)")
     for p, m in model_only.items():
         print(f"  in-process {p} ({m['parameters']:,} params): encoder p50 {m['encoder']['p50_ms']:.1f} ms, "
-              f"prompt encoder + decoder p50 {m['decoder']['p50_ms']:.1f} ms ({m['ratio_p50']:.0f}x)")
+              f"prompt encoder + decoder p50 {m['decoder']['p50_ms']:.1f} ms ({m['ratio_p50']:.2f}x)")
     print(f"written {args.out}")
     return result
 

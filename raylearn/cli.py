@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="start the SAM-Med3D HTTP endpoint (Ray Serve) on 127.0.0.1:8000")
     sv.add_argument("--config", type=Path, default=None, help="serve YAML (default deployments/serve.yaml)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default=None, help="default: the config's http_options, else 127.0.0.1")
+    sv.add_argument("--port", type=int, default=None, help="default: the config's http_options, else 8000")
     sv.set_defaults(func=_cmd_serve)
 
     dm = sub.add_parser("demo", help="run the main job on the embedded default (phantom) data")

@@ -330,9 +330,9 @@ def _score_all(pool, store, checkpoint: str, needs: list[str], lab_needs: list[s
                labeled: list[str], pool_ids: list[str]) -> dict[str, np.ndarray]:
     """Features aligned with ``pool_ids``: unlabeled cases from the shards, labelled ones (for the
     embedding-based strategies that measure distances to the labelled set) from Ray tasks."""
-    from raylearn.evaluate import features_for
-
     import ray
+
+    from raylearn.evaluate import features_for
 
     res = pool.score(checkpoint, needs, cfg.features)
     by_id = {cid: i for i, cid in enumerate(res["ids"])}

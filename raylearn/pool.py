@@ -267,8 +267,9 @@ class ShardedPool:
 
     def _spawn(self, ids: list[str]) -> int:
         i, self._next_index = self._next_index, self._next_index + 1
+        # scheduling_strategy="DEFAULT": never captured into an enclosing placement group (a Tune trial's)
         opts = dict(self._resources, max_restarts=self.config.max_restarts,
-                    max_task_retries=self.config.max_task_retries)
+                    max_task_retries=self.config.max_task_retries, scheduling_strategy="DEFAULT")
         self._actors[i] = PoolShard.options(**opts).remote(
             self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._crash_dir)
         self._assign[i] = list(ids)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from raylearn.models.config import ModelConfig, TrainConfig
-from raylearn.models.training import split_validation
+from raylearn.models.training import check_init_checkpoint, ddp_param_spread, split_validation
 from raylearn.models.unet import MonaiSegmenter
 
 __all__ = ["FitResult", "fit_round", "split_validation"]
@@ -38,7 +38,6 @@ __all__ = ["FitResult", "fit_round", "split_validation"]
 logger = logging.getLogger(__name__)
 
 FAIL_ENV = "RAYLEARN_TRAIN_FAIL_ONCE"
-_ARCH_KEYS = ("arch", "channels", "strides", "num_res_units", "kernel_size", "norm")
 
 
 @dataclass
@@ -104,22 +103,6 @@ def _fault_hook(spec: str | None, epoch: int, rank: int):
     return hook
 
 
-def _param_spread(net: torch.nn.Module, world: int, device: torch.device) -> float:
-    """Max difference across DDP ranks of a parameter checksum (0.0 when replicas are identical)."""
-    import torch.distributed as dist
-
-    if world < 2 or not dist.is_initialized():
-        return 0.0
-    with torch.no_grad():
-        vec = torch.cat([p.detach().double().flatten() for p in net.parameters()])
-        ramp = torch.linspace(0, 1, vec.numel(), device=vec.device, dtype=vec.dtype)
-        chk = torch.stack([vec.sum(), (vec * vec).sum(), (vec * ramp).sum()])
-    gathered = [torch.zeros_like(chk, device=device) for _ in range(world)]
-    dist.all_gather(gathered, chk.to(device))
-    stack = torch.stack(gathered)
-    return float((stack.max(0).values - stack.min(0).values).max())
-
-
 def _train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop (runs in every worker process)."""
     import ray
@@ -182,7 +165,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if world > 1 and dist.is_initialized():
             dist.all_reduce(red)
         red = red.cpu().numpy()
-        spread = _param_spread(seg.network, world, device)
+        spread = ddp_param_spread(seg.network, world, device)
         k = len(sums)
         sums, counts, loss = red[:k], red[k : 2 * k], red[-1] / world
         val_dice = float(sums.sum() / counts.sum()) if validated and counts.sum() > 0 else -1.0
@@ -226,21 +209,6 @@ def _train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
-def _check_init(init_checkpoint: str | Path, model_cfg: ModelConfig, in_channels: int, num_classes: int) -> dict:
-    ckpt = MonaiSegmenter.read_checkpoint(init_checkpoint)
-    if (int(ckpt["in_channels"]), int(ckpt["num_classes"])) != (in_channels, num_classes):
-        raise ValueError(
-            f"{init_checkpoint}: checkpoint has in_channels={ckpt['in_channels']}, num_classes={ckpt['num_classes']} "
-            f"but the store has {in_channels} channels and {num_classes} classes"
-        )
-    saved = ckpt["model_config"]
-    for key in _ARCH_KEYS:
-        want = model_cfg.model_dump(mode="json")[key]
-        if saved.get(key) != want:
-            raise ValueError(f"{init_checkpoint}: checkpoint model.{key}={saved.get(key)!r} but config has {want!r}")
-    return ckpt["state_dict"]
-
-
 def fit_round(
     store,
     labeled_ids: Sequence[str],
@@ -249,6 +217,7 @@ def fit_round(
     train_cfg: TrainConfig,
     round_index: int = 0,
     name: str | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Fine-tune the segmenter on ``labeled_ids`` with Ray Train and return the best checkpoint.
 
@@ -259,14 +228,16 @@ def fit_round(
         model_cfg: network config; ``backend == "nnunet"`` delegates to the nnU-Net backend.
         train_cfg: schedule, Ray Train scaling, storage and fault-tolerance settings.
         round_index: active-learning round, used in the default run name ``round_<NNN>``.
-        name: Ray Train run name (a directory under ``train_cfg.storage_path``). Re-using the name of an
-            interrupted run resumes it from its last checkpoint.
+        name: Ray Train run name (a directory under ``train_cfg.storage_path``).
+        resume: continue an interrupted run of the same ``name`` from its last checkpoint (e.g. after the
+            driver died). Without it an existing run directory of that name is deleted and training starts
+            afresh, so a repeated round never silently returns a stale model.
 
     Returns:
         :class:`FitResult` with ``checkpoint_path = <storage_path>/<name>/best.pt``.
     """
     if model_cfg.backend == "nnunet":
-        return _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg, round_index, name)
+        return _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg, round_index, name, resume)
 
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -287,11 +258,12 @@ def fit_round(
     in_channels, num_classes = int(store.num_channels), int(store.num_classes)
     init_ref = None
     if init_checkpoint is not None:
-        init_ref = ray.put(_check_init(init_checkpoint, model_cfg, in_channels, num_classes))
+        init_ref = ray.put(check_init_checkpoint(init_checkpoint, model_cfg, in_channels, num_classes))
     labels = store.labels
     class_names = [str(labels.get(c, c)) for c in range(1, num_classes)]
     storage = Path(train_cfg.storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    _fresh_run_dir(storage / name, resume)
     config = {
         "store": store,
         "train_ids": train_ids,
@@ -370,7 +342,13 @@ def _nnunet_task(store, train_ids, val_ids, cfg_json, work_dir, out_path, result
     return run_round(store, train_ids, val_ids, cfg, work_dir, out_path, results_name, init_bundle, use_gpu)
 
 
-def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg, round_index, name) -> FitResult:
+def _fresh_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not resume:
+        logger.warning("[%s] deleting the previous run in %s (pass resume=True to continue it)", run_dir.name, run_dir)
+        shutil.rmtree(run_dir)
+
+
+def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg, round_index, name, resume):
     """nnU-Net backend of :func:`fit_round`: a Ray task holding one worker's resources runs :func:`run_round`."""
     import ray
 
@@ -393,6 +371,17 @@ def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg,
     storage = Path(train_cfg.storage_path).expanduser().resolve()
     work = Path(cfg.work_dir).expanduser().resolve() if cfg.work_dir else storage / "nnunet"
     run_dir = storage / name
+    init = None
+    if init_checkpoint is not None:
+        from raylearn.models.nnunet import NnUNetSegmenter
+
+        NnUNetSegmenter.read_bundle(init_checkpoint)  # fail here, naming the file, if it is not a bundle
+        init = Path(init_checkpoint).resolve()
+        if run_dir in init.parents and not resume:  # keep it from being deleted with the old run
+            work.mkdir(parents=True, exist_ok=True)
+            init = Path(shutil.copyfile(init, work / f"init_{name}.pt"))
+    _fresh_run_dir(run_dir, resume)
+    _fresh_run_dir(work / "nnUNet_results" / name, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     out_path = run_dir / "best.pt"
     resources = dict(train_cfg.resources_per_worker or {"CPU": 1, **({"GPU": 1} if train_cfg.use_gpu else {})})
@@ -405,14 +394,8 @@ def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg,
     )
     logger.info("[%s] nnU-Net %s: %d training, %d validation cases", name, cfg.configuration, len(train_ids),
                 len(val_ids))
-    init = None
-    if init_checkpoint is not None:
-        from raylearn.models.nnunet import NnUNetSegmenter
-
-        NnUNetSegmenter.read_bundle(init_checkpoint)  # fail here, naming the file, if it is not a bundle
-        init = str(Path(init_checkpoint).resolve())
     out = ray.get(task.remote(store, train_ids, val_ids, cfg.model_dump(mode="json"), str(work), str(out_path), name,
-                              init, train_cfg.use_gpu))
+                              str(init) if init else None, train_cfg.use_gpu))
     (run_dir / "history.json").write_text(json.dumps(out, indent=1, default=str))
     for h in out["history"]:
         logger.info("[%s] epoch %d/%d loss %.4f val_dice %.4f", name, h["epoch"], cfg.epochs, h["loss"], h["val_dice"])

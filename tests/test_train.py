@@ -60,8 +60,12 @@ def test_warm_start_loads_the_given_weights(ray_session, store, tmp_path):
     init_path = init.save(tmp_path / "init.pt")
     cfg = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=1, lr=1e-10, storage_path=str(tmp_path / "runs"))
     ids = store.case_ids("pool")[:3]
+    stale = tmp_path / "runs" / "round_004" / "stale.txt"  # an old run of the same name is not resumed
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
     res = fit_round(store, ids, init_path, MODEL, cfg, round_index=4)
     assert res.val_on_train and res.checkpoint_path.parent.name == "round_004"
+    assert not stale.exists() and len(res.history) == 1
 
     trained = MonaiSegmenter.load(res.checkpoint_path, device="cpu").state_dict()
     start = init.state_dict()

@@ -22,6 +22,8 @@ from torch import nn
 from raylearn.models.config import ModelConfig, TrainConfig
 
 __all__ = [
+    "check_init_checkpoint",
+    "ddp_param_spread",
     "dice_sums",
     "make_loss",
     "make_optimizer",
@@ -279,3 +281,37 @@ def validate(
             sums += s
             counts += c
     return sums, counts
+
+
+def ddp_param_spread(net: torch.nn.Module, world: int, device: torch.device) -> float:
+    """Max difference across DDP ranks of a parameter checksum (0.0 when replicas are identical)."""
+    import torch.distributed as dist
+
+    if world < 2 or not dist.is_initialized():
+        return 0.0
+    with torch.no_grad():
+        vec = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        ramp = torch.linspace(0, 1, vec.numel(), device=vec.device, dtype=vec.dtype)
+        chk = torch.stack([vec.sum(), (vec * vec).sum(), (vec * ramp).sum()])
+    gathered = [torch.zeros_like(chk, device=device) for _ in range(world)]
+    dist.all_gather(gathered, chk.to(device))
+    stack = torch.stack(gathered)
+    return float((stack.max(0).values - stack.min(0).values).max())
+
+
+def check_init_checkpoint(init_checkpoint, model_cfg: ModelConfig, in_channels: int, num_classes: int) -> dict:
+    """Validate a warm-start checkpoint against the config and store; returns its state dict."""
+    from raylearn.models.unet import MonaiSegmenter
+
+    ckpt = MonaiSegmenter.read_checkpoint(init_checkpoint)
+    if (int(ckpt["in_channels"]), int(ckpt["num_classes"])) != (in_channels, num_classes):
+        raise ValueError(
+            f"{init_checkpoint}: checkpoint has in_channels={ckpt['in_channels']}, num_classes={ckpt['num_classes']} "
+            f"but the store has {in_channels} channels and {num_classes} classes"
+        )
+    saved = ckpt["model_config"]
+    for key in ("arch", "channels", "strides", "num_res_units", "kernel_size", "norm"):
+        want = model_cfg.model_dump(mode="json")[key]
+        if saved.get(key) != want:
+            raise ValueError(f"{init_checkpoint}: checkpoint model.{key}={saved.get(key)!r} but config has {want!r}")
+    return ckpt["state_dict"]
