@@ -25,7 +25,6 @@ Sweep YAML::
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -152,20 +151,26 @@ def _parent_fields(parts: list[str]) -> list[str]:
 
 
 def _fit_inside(exp: dict, res: TrialResources) -> dict:
-    """Size the trial's training workers and pool shards so that they fit in its resources (scoring and
-    training alternate within a round, so both phases may use the whole allocation)."""
+    """Size the trial's training workers and pool shards so that together they fit in its resources.
+
+    Shards stay alive (and keep their reservation) while the trial trains, so they reserve only a
+    tenth of the trial's CPUs between them and the training workers the other nine tenths; the
+    shards' torch threads still use the whole allocation while scoring (scoring and training
+    alternate within a round). GPUs go to the training workers; shards get GPU fractions the same way.
+    """
     train = dict(exp.get("train") or {})
     n_workers = int(train.get("num_workers", 1))
-    per = {"CPU": max(res.cpu / n_workers, 0.01)}
-    if res.gpu > 0:
-        per["GPU"] = res.gpu / n_workers
-        train["use_gpu"] = True
-    train["resources_per_worker"] = per
     pool = dict(exp.get("pool") or {})
     n_shards = int(pool.get("n_shards") or max(1, math.floor(res.cpu)))
+    per = {"CPU": 0.9 * res.cpu / n_workers}
+    if res.gpu > 0:
+        per["GPU"] = 0.9 * res.gpu / n_workers
+        train["use_gpu"] = True
+    train["resources_per_worker"] = per
     pool["n_shards"] = n_shards
-    pool["num_cpus"] = res.cpu / n_shards
-    pool["num_gpus"] = res.gpu / n_shards if res.gpu > 0 else 0
+    pool["num_cpus"] = 0.1 * res.cpu / n_shards
+    pool["num_gpus"] = 0.1 * res.gpu / n_shards if res.gpu > 0 else 0
+    pool["torch_threads"] = max(1, math.floor(res.cpu / n_shards))
     return {**exp, "train": train, "pool": pool}
 
 
@@ -265,7 +270,8 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
 
 
 def _write_results(grid, sweep: SweepConfig, base: dict, out: Path) -> dict:
-    from raylearn.curves import plot_compare
+    from raylearn.curves import alc, plot_compare
+    from raylearn.ledger import Ledger
 
     rows = []
     for res in grid:
@@ -285,13 +291,17 @@ def _write_results(grid, sweep: SweepConfig, base: dict, out: Path) -> dict:
         w.writerows(rows)
     curves = []
     for r in rows[: sweep.top_k_plot]:
-        if not r.get("run_dir") or not (Path(r["run_dir"]) / "summary.json").is_file():
+        # read the trial's ledger: ASHA may stop a trial right after its last report, before summary.json
+        if not r.get("run_dir") or not (Path(r["run_dir"]) / "ledger.jsonl").is_file():
             continue
-        s = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        rounds = Ledger(Path(r["run_dir"]) / "ledger.jsonl", readonly=True).rounds()
+        if not rounds:
+            continue
+        fr = [x["fraction_labelled"] for x in rounds]
+        dice = [x["metrics"].get("dice_mean", float("nan")) for x in rounds]
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.items() if k in sweep.search_space)
-        curves.append({"strategy": label, "fractions": [c["fraction_labelled"] for c in s["curve"]],
-                       "dice_mean": [c["dice_mean"] for c in s["curve"]], "dice_sd": [0.0] * len(s["curve"]),
-                       "alc_mean": s["alc"] or 0.0})
+        curves.append({"strategy": label, "fractions": fr, "dice_mean": dice, "dice_sd": [0.0] * len(fr),
+                       "alc_mean": alc(fr, dice)})
     if curves:
         plot_compare(curves, out / "top_curves.png", title=f"{sweep.name}: top {len(curves)} trials")
     best = rows[0] if rows and rows[0][key] is not None else None

@@ -26,9 +26,12 @@ import json
 import logging
 import os
 import time
+import types
 from collections.abc import Iterator, Mapping, Sequence
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -148,6 +151,7 @@ def plan_once(cfg: NnUNetConfig) -> tuple[Path, bool]:
     Needs the nnU-Net environment (:func:`nnunet_env`) to be set.
     """
     require_nnunet()
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
@@ -157,12 +161,15 @@ def plan_once(cfg: NnUNetConfig) -> tuple[Path, bool]:
     plans_file = _plans_file(cfg)
     if plans_file.is_file():
         return plans_file, False
+    # nnU-Net extracts the fingerprint in a "spawn" process pool. Forking inside a Ray worker can deadlock
+    # (a forked child hung before exec in our runs), so the same pool API runs on threads here.
+    threads = types.SimpleNamespace(get_context=lambda *_a, **_k: types.SimpleNamespace(Pool=ThreadPool))
     # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be >= 1 (training uses 0)
     with environment({"nnUNet_n_proc_DA": str(cfg.num_processes)}), open(os.devnull, "w") as null, \
-            contextlib.redirect_stdout(null):
+            contextlib.redirect_stdout(null), mock.patch.object(fingerprint_extractor, "multiprocessing", threads):
         extract_fingerprint_dataset(
             cfg.dataset_id, DatasetFingerprintExtractor, num_processes=cfg.num_processes,
-            check_dataset_integrity=True, clean=True, verbose=False, show_progress_bar=False,
+            check_dataset_integrity=False, clean=True, verbose=False, show_progress_bar=False,
         )
         plan_experiment_dataset(cfg.dataset_id)
     plans = json.loads(plans_file.read_text())
