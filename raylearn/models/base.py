@@ -61,22 +61,8 @@ class Segmenter(ABC):
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
-    """Restore any backend's checkpoint written by ``Segmenter.save``.
+    """Restore any backend's checkpoint written by ``Segmenter.save`` (the backend is read from its
+    format tag; see :func:`raylearn.models.loading.load_segmenter`)."""
+    from raylearn.models.loading import load_segmenter as _load
 
-    A file is a MONAI-backend checkpoint (``raylearn.monai_segmenter/*``); a directory holding
-    ``raylearn_nnunet.json`` is an nnU-Net v2 model folder.
-
-    Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ValueError: when it is not a checkpoint of a known backend.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.is_dir() or p.suffix == ".json":
-        from raylearn.models.nnunet import NnUNetSegmenter
-
-        return NnUNetSegmenter.load(p)
-    from raylearn.models.unet import MonaiSegmenter
-
-    return MonaiSegmenter.load(p)
+    return _load(path)
