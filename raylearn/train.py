@@ -209,6 +209,23 @@ def _train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
+
+def _prepare_round(store, labeled_ids, train_cfg: TrainConfig, round_index: int, name: str | None):
+    """Open the store, check the labelled ids and split off validation (shared by both backends)."""
+    if isinstance(store, str | Path):
+        from raylearn.data.store import PoolStore
+
+        store = PoolStore.open(store)
+    name = name or f"round_{round_index:03d}"
+    known = set(store.case_ids())
+    unknown = [i for i in labeled_ids if str(i) not in known]
+    if unknown:
+        raise ValueError(f"labelled ids not in the pool store: {unknown[:5]}")
+    train_ids, val_ids, val_on_train = split_validation(labeled_ids, train_cfg)
+    if val_on_train:
+        logger.warning("[%s] only %d labelled cases: validating on the training cases", name, len(train_ids))
+    return store, name, train_ids, val_ids, val_on_train
+
 def fit_round(
     store,
     labeled_ids: Sequence[str],
@@ -242,19 +259,8 @@ def fit_round(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if isinstance(store, str | Path):
-        from raylearn.data.store import PoolStore
-
-        store = PoolStore.open(store)
+    store, name, train_ids, val_ids, val_on_train = _prepare_round(store, labeled_ids, train_cfg, round_index, name)
     t0 = time.perf_counter()
-    name = name or f"round_{round_index:03d}"
-    known = set(store.case_ids())
-    unknown = [i for i in labeled_ids if str(i) not in known]
-    if unknown:
-        raise ValueError(f"labelled ids not in the pool store: {unknown[:5]}")
-    train_ids, val_ids, val_on_train = split_validation(labeled_ids, train_cfg)
-    if val_on_train:
-        logger.warning("[%s] only %d labelled cases: validating on the training cases", name, len(train_ids))
     in_channels, num_classes = int(store.num_channels), int(store.num_classes)
     init_ref = None
     if init_checkpoint is not None:
@@ -354,19 +360,8 @@ def _fit_round_nnunet(store, labeled_ids, init_checkpoint, model_cfg, train_cfg,
 
     from raylearn.models.nnunet import nnunet_env
 
-    if isinstance(store, str | Path):
-        from raylearn.data.store import PoolStore
-
-        store = PoolStore.open(store)
+    store, name, train_ids, val_ids, val_on_train = _prepare_round(store, labeled_ids, train_cfg, round_index, name)
     t0 = time.perf_counter()
-    name = name or f"round_{round_index:03d}"
-    known = set(store.case_ids())
-    unknown = [i for i in labeled_ids if str(i) not in known]
-    if unknown:
-        raise ValueError(f"labelled ids not in the pool store: {unknown[:5]}")
-    train_ids, val_ids, val_on_train = split_validation(labeled_ids, train_cfg)
-    if val_on_train:
-        logger.warning("[%s] only %d labelled cases: validating on the training cases", name, len(train_ids))
     cfg = model_cfg.nnunet
     storage = Path(train_cfg.storage_path).expanduser().resolve()
     work = Path(cfg.work_dir).expanduser().resolve() if cfg.work_dir else storage / "nnunet"
