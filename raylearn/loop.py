@@ -368,21 +368,26 @@ def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
 
 
 def _reference(cfg, ledger, store, pool_ids, train_cfg, evaluator, ckpt_dir) -> float | None:
-    """The full-pool Dice (trained once on every pool case) when ``evaluate.full_data_reference``."""
+    """The full-pool Dice when ``evaluate.full_data_reference``: one model trained from scratch on every
+    pool case with as many optimisation steps as the whole AL run gave its model (``epochs`` x
+    ``1 + rounds``, since each round fine-tunes for ``epochs``), so the reference is not under-trained
+    relative to the curve it is compared with. A recorded reference with another budget is recomputed."""
     from raylearn.train import fit_round
 
-    rec = next(ledger.of_kind("reference"), None)
-    if rec is not None:
-        return rec["metrics"].get("dice_mean")
     if not cfg.evaluate.full_data_reference:
         return None
-    log.info("training the full-pool reference on %d cases", len(pool_ids))
-    fit = fit_round(store, pool_ids, None, cfg.model, train_cfg.model_copy(update={"seed": cfg.seed}),
+    epochs = cfg.train.epochs * (1 + cfg.schedule.rounds)
+    steps = epochs * cfg.train.iterations_per_epoch
+    recs = [r for r in ledger.of_kind("reference") if r.get("train_steps") == steps]
+    if recs:
+        return recs[-1]["metrics"].get("dice_mean")
+    log.info("training the full-pool reference on %d cases (%d epochs)", len(pool_ids), epochs)
+    fit = fit_round(store, pool_ids, None, cfg.model, train_cfg.model_copy(update={"seed": cfg.seed, "epochs": epochs}),
                     round_index=-1, name="reference")
     kept = ckpt_dir / "reference.pt"
     shutil.copyfile(fit.checkpoint_path, kept)
     metrics = evaluator(str(kept))
-    ledger.append("reference", metrics=metrics, checkpoint=str(kept))
+    ledger.append("reference", metrics=metrics, checkpoint=str(kept), train_steps=steps)
     return metrics.get("dice_mean")
 
 

@@ -217,9 +217,8 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     # one pool store for all trials, ingested once up front
     store_dir = base_cfg.data.store or str(out / "store")
     base = apply_overrides(base, {"data.store": str(Path(store_dir).resolve())})
-    if base_cfg.data.dataset != "phantom":
-        base = apply_overrides(base, {"data.dataset": str((base_path.parent / base_cfg.data.dataset).resolve())
-                                      if not Path(base_cfg.data.dataset).is_absolute() else base_cfg.data.dataset})
+    if base_cfg.data.dataset != "phantom":  # relative to the working directory, as for `raylearn run`
+        base = apply_overrides(base, {"data.dataset": str(Path(base_cfg.data.dataset).resolve())})
     ensure_ray()
     ensure_store(parse_config(base, ExperimentConfig, source=str(base_path)))
 

@@ -77,23 +77,41 @@ def test_asha_stops_trials_and_killed_sweep_resumes(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     trials = tmp_path / "sweep" / "trials"
+
+    def complete() -> list[Path]:  # trials whose ledgers hold all 3 rounds: finished for good
+        from raylearn.ledger import Ledger
+
+        out = []
+        for d in trials.glob("*") if trials.exists() else []:
+            if (d / "ledger.jsonl").is_file() and len(Ledger(d / "ledger.jsonl", readonly=True).rounds()) == 3:
+                out.append(d)
+        return out
+
     deadline = time.time() + 900
     try:
-        while time.time() < deadline and proc.poll() is None:
-            done = [d for d in trials.glob("*") if (d / "summary.json").is_file()] if trials.exists() else []
-            if done:
-                break
+        while time.time() < deadline and proc.poll() is None and not complete():
             time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
-    finished = {d.name: (d / "summary.json").stat().st_mtime for d in trials.glob("*")
-                if (d / "summary.json").is_file()}
+    finished = {d.name: (d / "ledger.jsonl").read_bytes() for d in complete()}
     assert finished, "no trial finished before the kill"
+    before = {d.name: (d / "ledger.jsonl").read_bytes() for d in trials.glob("*") if (d / "ledger.jsonl").is_file()}
     rc = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert rc.returncode == 0, rc.stderr[-3000:]
-    for name, mtime in finished.items():  # finished trials were not run again
-        assert (trials / name / "summary.json").stat().st_mtime == mtime
+    from raylearn.ledger import Ledger
+
+    for name, data in finished.items():  # finished trials were not run again
+        assert (trials / name / "ledger.jsonl").read_bytes() == data
+    for name, data in before.items():  # interrupted ones continued their ledgers: nothing redone
+        led = Ledger(trials / name / "ledger.jsonl", readonly=True)
+        assert (trials / name / "ledger.jsonl").read_bytes().startswith(data.rsplit(b"\n", 1)[0])
+        idx = [r["round"] for r in led.rounds()]
+        assert idx == sorted(set(idx))
     rows = list((tmp_path / "sweep" / "trials.csv").read_text().splitlines())
     assert len(rows) == 5
     rounds = [int(float(r.split(",")[-5])) for r in rows[1:] if r.split(",")[-5]]
