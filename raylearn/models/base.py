@@ -60,6 +60,24 @@ class Segmenter(ABC):
         """Restore a segmenter written by :meth:`save`."""
 
 
+def read_torch_file(path: str | Path, what: str = "checkpoint"):
+    """``torch.load`` a checkpoint file on the CPU, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a file.
+        ValueError: when it cannot be unpickled.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path}: not a readable torch {what} ({type(err).__name__}: {err})") from None
+
+
 def load_segmenter(path: str | Path) -> Segmenter:
     """Restore any backend's checkpoint written by ``Segmenter.save`` (the backend is read from its
     format tag; see :func:`raylearn.models.loading.load_segmenter`)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from raylearn.models.base import Segmenter
+from raylearn.models.base import Segmenter, read_torch_file
 from raylearn.models.config import ModelConfig
 
 __all__ = ["build_segmenter", "load_segmenter"]
@@ -24,12 +24,7 @@ def build_segmenter(cfg: ModelConfig, in_channels: int, num_classes: int, seed: 
 def load_segmenter(path: str | Path, device: str | torch.device | None = None) -> Segmenter:
     """Load any checkpoint written by ``fit_round`` / ``Segmenter.save`` (MONAI file or nnU-Net bundle)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    ckpt = read_torch_file(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     from raylearn.models.nnunet_segmenter import BUNDLE_FORMAT, NnUNetSegmenter
     from raylearn.models.unet import CHECKPOINT_FORMAT, MonaiSegmenter

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylearn.models.base import Segmenter
+from raylearn.models.base import Segmenter, read_torch_file
 
 __all__ = ["BUNDLE_FORMAT", "NnUNetSegmenter", "require_nnunet"]
 
@@ -176,12 +176,7 @@ class NnUNetSegmenter(Segmenter):
     def read_bundle(path: str | Path) -> dict[str, Any]:
         """Read and validate a bundle file (``ValueError`` naming the file when it is not one)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nnU-Net bundle not found")
-        try:
-            bundle = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from None
+        bundle = read_torch_file(path, "nnU-Net bundle")
         if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: not a raylearn nnU-Net bundle (expected format {BUNDLE_FORMAT!r})")
         return bundle

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylearn.config import ConfigError, parse_config
-from raylearn.models.base import Segmenter
+from raylearn.models.base import Segmenter, read_torch_file
 from raylearn.models.config import ModelConfig
 
 __all__ = ["CHECKPOINT_FORMAT", "MonaiSegmenter", "build_network", "bottleneck_module", "default_device"]
@@ -263,12 +263,7 @@ class MonaiSegmenter(Segmenter):
     def read_checkpoint(path: str | Path) -> dict[str, Any]:
         """Read and validate a checkpoint file written by :meth:`save` (raises ``ValueError`` naming the file)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: checkpoint not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        ckpt = read_torch_file(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a raylearn MONAI checkpoint (expected format {CHECKPOINT_FORMAT!r})")
         missing = [k for k in ("model_config", "in_channels", "num_classes", "state_dict") if k not in ckpt]
