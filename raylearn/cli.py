@@ -22,24 +22,30 @@ def _setup_env() -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from raylearn.data.store import ingest_main
+    from raylearn.data.preprocess import load_preprocess_config
+    from raylearn.data.store import ingest
 
-    return ingest_main(
+    report = ingest(
         args.dataset,
         args.out,
-        config_path=args.config,
-        skip_bad=args.skip_bad,
-        seed=args.seed,
+        load_preprocess_config(args.config),
         n_test=args.n_test,
         test_fraction=args.test_fraction,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
         progress=sys.stderr.isatty(),
     )
+    print(report.summary())
+    return 0
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from raylearn.data.fetch import fetch_msd
 
-    path = fetch_msd(args.task, args.dir, base_url=args.base_url, md5=args.md5)
+    try:
+        path = fetch_msd(args.task, args.dir, base_url=args.base_url, md5=args.md5, progress=sys.stderr.isatty())
+    except ValueError as err:  # unknown task name (download failures are FetchError, a DatasetError)
+        raise _UsageError(str(err)) from None
     print(f"{args.task} ready at {path}")
     return 0
 
@@ -47,11 +53,28 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from raylearn.data.phantom import make_phantom_dataset
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    path = make_phantom_dataset(args.out, n_cases=args.n_cases, shape=shape, seed=args.seed,
-                                n_structures=args.n_structures)
-    print(f"wrote {args.n_cases} phantom cases to {path}")
+    try:
+        path = make_phantom_dataset(args.out, n_cases=args.n_cases, shape=args.shape, seed=args.seed,
+                                    n_structures=args.n_structures)
+    except ValueError as err:  # bad sizes: one line, exit 2 (see main)
+        raise _UsageError(str(err)) from None
+    print(f"wrote {args.n_cases} phantom cases of {args.shape} voxels to {path}")
     return 0
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    """``"48,48,48"`` -> ``(48, 48, 48)``: the ``--shape D,H,W`` option of ``raylearn data phantom``."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers D,H,W (e.g. 48,48,48), got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+class _UsageError(ValueError):
+    """Bad input a subcommand found after parsing: reported as one ``error:`` line, exit status 2."""
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -119,10 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--md5", default=None, help="expected md5 of the tar (default: MONAI's published value)")
     f.set_defaults(func=_cmd_fetch)
     ph = dsub.add_parser("phantom", help="generate the embedded default phantom dataset (MSD layout)")
-    ph.add_argument("out", type=Path)
-    ph.add_argument("--n-cases", type=int, default=40)
-    ph.add_argument("--shape", default="48,48,48", help="D,H,W (default 48,48,48)")
-    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("out", type=Path, help="folder to write the MSD-layout phantom dataset into")
+    ph.add_argument("--n-cases", type=int, default=40, help="number of cases (default 40)")
+    ph.add_argument("--shape", type=_shape, default=(48, 48, 48), help="voxels D,H,W (default 48,48,48)")
+    ph.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ph.add_argument("--n-structures", type=int, default=2, help="labelled structures per phantom (default 2)")
     ph.set_defaults(func=_cmd_phantom)
 
@@ -171,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from raylearn.config import ConfigError
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, _UsageError)
     try:
         from raylearn.data.readers import DatasetError
         from raylearn.data.store import StoreError
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except user_errors as err:
-        print(f"raylearn {args.command}: error: {err}", file=sys.stderr)
+        cmd = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
+        print(f"raylearn {cmd}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; `raylearn run --resume` continues from the ledger", file=sys.stderr)

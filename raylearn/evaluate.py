@@ -14,7 +14,7 @@ import ray
 
 
 def _load(checkpoint: str):
-    from raylearn.models.base import load_segmenter
+    from raylearn.models.loading import load_segmenter
 
     return load_segmenter(checkpoint)
 

@@ -3,5 +3,6 @@
 Modules: ``readers`` (MSD / nnU-Net raw / folder layouts, SimpleITK), ``imageio`` (checked file reads),
 ``preprocess`` (reorient, resample, crop, normalise, pad, and the inverse), ``phantom`` (the embedded
 synthetic dataset), ``store`` + ``shards`` (Arrow IPC shards, Parquet manifest, ``PoolStore``),
-``fetch`` (MSD download via MONAI) and ``commands`` (CLI entry points).
+and ``fetch`` (MSD download via MONAI). The command line (``raylearn ingest``, ``raylearn data ...``) lives in
+:mod:`raylearn.cli`.
 """

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
 from pydantic import Field, field_validator, model_validator
 
-from raylearn.config import StrictModel
+from raylearn.config import StrictModel, load_yaml, parse_config
 
-__all__ = ["PreprocessConfig", "PreprocessedCase", "preprocess_case", "restore_to_source", "grid_of"]
+__all__ = [
+    "PreprocessConfig", "PreprocessedCase", "grid_of", "load_preprocess_config", "preprocess_case", "restore_to_source",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,27 @@ class PreprocessConfig(StrictModel):
         if self.ct_window[0] >= self.ct_window[1]:
             raise ValueError("ct_window: lo must be below hi")
         return self
+
+
+class _PreprocessFile(StrictModel):
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+
+def load_preprocess_config(path: str | Path | None) -> PreprocessConfig:
+    """Preprocessing settings from YAML (``raylearn ingest --config``).
+
+    The file holds either the keys of :class:`PreprocessConfig` at the top level or a ``preprocess:`` section
+    (other top-level keys are then errors). ``None`` gives the defaults.
+
+    Raises:
+        ConfigError: ``file.yaml: key.path: message`` lines.
+    """
+    if path is None:
+        return PreprocessConfig()
+    data = load_yaml(path)
+    if isinstance(data, dict) and "preprocess" in data:
+        return parse_config(data, _PreprocessFile, source=str(path)).preprocess
+    return parse_config(data, PreprocessConfig, source=str(path))
 
 
 @dataclass

@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import SimpleITK as sitk
 
-from raylearn.data.commands import ingest_main  # noqa: F401  (re-export: ``raylearn ingest`` entry point)
 from raylearn.data.preprocess import PreprocessConfig, preprocess_case, restore_to_source
 from raylearn.data.readers import DatasetError, DatasetInfo, discover_dataset, read_case
 from raylearn.data.shards import (
@@ -63,7 +62,6 @@ __all__ = [
     "StoreError",
     "StoredCase",
     "ingest",
-    "ingest_main",
     "split_cases",
 ]
 

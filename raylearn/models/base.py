@@ -14,9 +14,13 @@ import numpy as np
 
 
 class Segmenter(ABC):
-    """A 3D segmenter that can be fitted on labelled cases, predict probabilities and be checkpointed.
+    """A trained 3D segmenter: predicts class probabilities (optionally MC-dropout or flip-TTA samples), embeds an
+    image as a feature vector, and saves/loads itself as one checkpoint file.
 
-    Backends: :class:`raylearn.models.unet.MonaiSegmenter` (default) and the nnU-Net v2 adapter.
+    Training is not part of this interface: :mod:`raylearn.train` fine-tunes each round's model (Ray Train) and
+    writes a checkpoint, which :func:`raylearn.models.loading.load_segmenter` turns back into a ``Segmenter``.
+    Backends: :class:`raylearn.models.unet.MonaiSegmenter` (default) and
+    :class:`raylearn.models.nnunet_segmenter.NnUNetSegmenter` (nnU-Net v2).
     """
 
     #: number of output classes including background
@@ -76,11 +80,3 @@ def read_torch_file(path: str | Path, what: str = "checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         raise ValueError(f"{path}: not a readable torch {what} ({type(err).__name__}: {err})") from None
-
-
-def load_segmenter(path: str | Path) -> Segmenter:
-    """Restore any backend's checkpoint written by ``Segmenter.save`` (the backend is read from its
-    format tag; see :func:`raylearn.models.loading.load_segmenter`)."""
-    from raylearn.models.loading import load_segmenter as _load
-
-    return _load(path)

@@ -1,4 +1,4 @@
-"""Backend-independent construction and loading of segmenters."""
+"""Loading any backend's segmenter checkpoint: the one ``load_segmenter``."""
 
 from __future__ import annotations
 
@@ -7,18 +7,8 @@ from pathlib import Path
 import torch
 
 from raylearn.models.base import Segmenter, read_torch_file
-from raylearn.models.config import ModelConfig
 
-__all__ = ["build_segmenter", "load_segmenter"]
-
-
-def build_segmenter(cfg: ModelConfig, in_channels: int, num_classes: int, seed: int = 0, device=None) -> Segmenter:
-    """A freshly initialised segmenter (MONAI backend only: an nnU-Net model exists only after training)."""
-    if cfg.backend != "monai_unet":
-        raise ValueError(f"model.backend={cfg.backend!r}: an untrained nnU-Net model cannot be built; train it first")
-    from raylearn.models.unet import MonaiSegmenter
-
-    return MonaiSegmenter(cfg, in_channels=in_channels, num_classes=num_classes, seed=seed, device=device)
+__all__ = ["load_segmenter"]
 
 
 def load_segmenter(path: str | Path, device: str | torch.device | None = None) -> Segmenter:

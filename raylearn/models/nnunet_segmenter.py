@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from raylearn.models.base import Segmenter, read_torch_file
+from raylearn.scoring.reduce import area_resize, weighted_pool
 
 __all__ = ["BUNDLE_FORMAT", "NnUNetSegmenter", "require_nnunet"]
 
@@ -117,9 +118,16 @@ class NnUNetSegmenter(Segmenter):
         """Globally pooled deepest encoder features ``float32 [F]`` after nnU-Net's own preprocessing.
 
         ``weights [D, H, W]`` (>= 0) give uncertainty-weighted pooling: they are transposed and cropped like the
-        image, then area-resized to the bottleneck grid.
+        image, area-resized to nnU-Net's resampled grid and zero-padded like the network input, then pooled by
+        :func:`raylearn.scoring.reduce.weighted_pool`. The padding is never pooled; all-zero weights give the
+        plain mean.
         """
         arr = self._check(image)
+        w = np.ones(arr.shape[1:], np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        if w.shape != arr.shape[1:]:
+            raise ValueError(f"weights must be [D, H, W] = {arr.shape[1:]}, got {w.shape}")
+        if not w.any():
+            w = np.ones(arr.shape[1:], np.float32)
         props = {"spacing": list(self.spacing)}
         pre = self.configuration_manager.preprocessor_class(verbose=False)
         with _quiet():
@@ -131,21 +139,10 @@ class NnUNetSegmenter(Segmenter):
         x = F.pad(x, [0, pads[2], 0, pads[1], 0, pads[0]])
         with torch.no_grad():
             feats = self.network.encoder(x)[-1].float()[0]  # [F, d, h, w]
-        if weights is None:
-            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
-        w = np.asarray(weights, dtype=np.float32)
-        if w.shape != arr.shape[1:]:
-            raise ValueError(f"weights must be [D, H, W] = {arr.shape[1:]}, got {w.shape}")
         w = np.transpose(w, self.plans_manager.transpose_forward)
-        bbox = props["bbox_used_for_cropping"]
-        w = w[tuple(slice(int(a), int(b)) for a, b in bbox)]
-        wt = torch.from_numpy(np.ascontiguousarray(w))[None, None]
-        wt = F.interpolate(wt, size=tuple(data.shape[1:]), mode="trilinear", align_corners=False)
-        wt = F.pad(wt, [0, pads[2], 0, pads[1], 0, pads[0]])
-        wt = F.interpolate(wt, size=tuple(feats.shape[1:]), mode="area")[0, 0].to(feats.device).clamp_min(0)
-        if float(wt.sum()) <= 0:
-            return feats.mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)
-        return ((feats * wt[None]).sum(dim=(1, 2, 3)) / wt.sum()).cpu().numpy().astype(np.float32)
+        w = w[tuple(slice(int(a), int(b)) for a, b in props["bbox_used_for_cropping"])]
+        w = np.pad(area_resize(w, data.shape[1:]), [(0, p) for p in pads])
+        return weighted_pool(feats.cpu().numpy(), w)
 
     # ------------------------------------------------------------------ weights and checkpoints
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -190,8 +190,11 @@ class MonaiSegmenter(Segmenter):
         The whole image (zero-padded to a multiple of the total down-sampling) goes through the encoder;
         the decoder is skipped. Pooling is a mean over the bottleneck cells covering the image (padding excluded);
         with ``weights [D, H, W]`` (e.g. a voxel uncertainty map, >= 0) it is a weighted mean, the weights
-        resized (area-averaged) to the bottleneck grid; all-zero weights fall back to the plain mean.
+        zero-padded like the image and area-averaged to the bottleneck grid
+        (:func:`raylearn.scoring.reduce.weighted_pool`); all-zero weights fall back to the plain mean.
         """
+        from raylearn.scoring.reduce import weighted_pool
+
         x = self._as_input(image)
         factor = int(np.prod(self.cfg.strides))
         pads = [(-s) % factor for s in x.shape[2:]]
@@ -215,15 +218,11 @@ class MonaiSegmenter(Segmenter):
         w = np.ones(shape, np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
         if w.shape != shape:
             raise ValueError(f"weights must be [D, H, W] = {shape}, got {w.shape}")
-        if np.any(w < 0) or not np.all(np.isfinite(w)):
-            raise ValueError("weights must be finite and >= 0")
         if not w.any():
             w = np.ones(shape, np.float32)
         # the zero padding gets weight 0, so plain pooling averages over the image itself
-        wt = F.pad(torch.from_numpy(w)[None, None], [0, pads[2], 0, pads[1], 0, pads[0]])
-        wt = F.interpolate(wt, size=tuple(feats.shape[1:]), mode="area")[0, 0].to(feats.device)
-        pooled = (feats * wt[None]).sum(dim=(1, 2, 3)) / wt.sum()
-        return pooled.cpu().numpy().astype(np.float32)
+        w = np.pad(w, [(0, p) for p in pads])
+        return weighted_pool(feats.cpu().numpy(), w)
 
     # ------------------------------------------------------------------ weights and checkpoints
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["REDUCTIONS", "foreground_volume", "reduce_map", "topk_count", "weighted_pool"]
+__all__ = ["REDUCTIONS", "area_resize", "foreground_volume", "reduce_map", "topk_count", "weighted_pool"]
 
 #: names accepted by :func:`reduce_map`
 REDUCTIONS = ("mean", "sum", "topk_mean", "foreground", "class_mean")
@@ -108,28 +108,50 @@ def foreground_volume(labels: np.ndarray, num_classes: int, spacing: Sequence[fl
     return counts * float(np.prod(spacing)) / 1000.0
 
 
-def _resize_to(weights: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Resample a weight map to ``shape`` by linear interpolation (area-like when shrinking)."""
-    if weights.shape == shape:
-        return weights
-    from scipy.ndimage import zoom
+def area_resize(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize a map by area averaging (adaptive average pooling; torch ``interpolate(mode="area")`` semantics).
 
-    factors = [t / s for t, s in zip(shape, weights.shape, strict=True)]
-    out = zoom(weights.astype(np.float64), factors, order=1, grid_mode=True, mode="nearest")
-    # zoom may be off by one voxel from rounding; crop/pad to the exact shape
-    out = out[tuple(slice(0, t) for t in shape)]
-    pad = [(0, t - s) for t, s in zip(shape, out.shape, strict=True)]
-    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+    Output cell ``i`` along an axis of input length ``n`` and output length ``m`` averages the input cells
+    ``floor(i n / m) .. ceil((i + 1) n / m) - 1``; when ``n`` is a multiple of ``m`` that is the exact block mean,
+    and when enlarging each output cell copies one input cell.
+
+    Args:
+        values: ``[D, H, W]`` (any number of axes).
+        shape: target shape, same number of axes.
+
+    Returns:
+        ``float64`` array of ``shape``.
+    """
+    out = np.asarray(values, dtype=np.float64)
+    if out.ndim != len(shape):
+        raise ValueError(f"area_resize: cannot resize shape {out.shape} to {tuple(shape)}")
+    for axis, m in enumerate(int(x) for x in shape):
+        n = out.shape[axis]
+        if n == m:
+            continue
+        if m < 1 or n < 1:
+            raise ValueError(f"area_resize: sizes must be >= 1, got {n} -> {m}")
+        i = np.arange(m)
+        start, stop = (i * n) // m, -((-(i + 1) * n) // m)
+        csum = np.concatenate([np.zeros_like(out.take([0], axis=axis)), np.cumsum(out, axis=axis)], axis=axis)
+        sums = csum.take(stop, axis=axis) - csum.take(start, axis=axis)
+        counts = (stop - start).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        out = sums / counts
+    return out
 
 
 def weighted_pool(features: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Global (optionally uncertainty-weighted) average pooling of a feature map: the PGDR idea of SUGFW.
 
-    ``out_f = sum_v w_v x_{f,v} / sum_v w_v``; with ``weights=None`` (or all-zero weights) a plain mean.
+    ``out_f = sum_v w_v x_{f,v} / sum_v w_v`` over the feature cells ``v``; with ``weights=None`` (or weights that
+    sum to zero) a plain mean. This is the one pooling behind every backend's ``Segmenter.embed``: a backend
+    zero-pads its input for the network, so it pads the weights the same way (zeros: padding is not pooled).
 
     Args:
-        features: ``[F, d, h, w]`` feature map.
-        weights: non-negative ``[D, H, W]`` map on the image grid or the feature grid; resampled to ``(d, h, w)``.
+        features: ``[F, d, h, w]`` feature map (e.g. a network bottleneck).
+        weights: finite, non-negative ``[D, H, W]`` map on the image grid or on the feature grid; it is
+            area-resized to ``(d, h, w)`` with :func:`area_resize` (exact block means when ``D`` is a multiple of
+            ``d`` and so on).
 
     Returns:
         ``float32 [F]``.
@@ -139,14 +161,16 @@ def weighted_pool(features: np.ndarray, weights: np.ndarray | None = None) -> np
         raise ValueError(f"weighted_pool: expected a feature map [F, ...spatial], got shape {features.shape}")
     flat = features.reshape(features.shape[0], -1)
     if weights is None:
-        return flat.mean(axis=1).astype(np.float32)
+        return flat.mean(axis=1, dtype=np.float64).astype(np.float32)
     weights = np.asarray(weights)
     if weights.ndim != features.ndim - 1:
         raise ValueError(f"weighted_pool: weights shape {weights.shape} vs feature map shape {features.shape}")
+    if not np.all(np.isfinite(weights)):
+        raise ValueError("weighted_pool: weights must be finite")
     if (weights < 0).any():
         raise ValueError("weighted_pool: weights must be non-negative")
-    w = _resize_to(weights, features.shape[1:]).ravel()
+    w = area_resize(weights, features.shape[1:]).ravel()
     total = w.sum()
     if total <= 0:
-        return flat.mean(axis=1).astype(np.float32)
+        return flat.mean(axis=1, dtype=np.float64).astype(np.float32)
     return (flat.astype(np.float64) @ w / total).astype(np.float32)

@@ -282,9 +282,9 @@ def test_concurrent_ingest_of_the_same_store(small_phantom, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_full_hippocampus_ingest(hippocampus_dir, tmp_path):
     """All 201 real cases through the CLI entry point (about 5-10 s on 2 cores)."""
-    from raylearn.data.commands import ingest_main
+    from raylearn.cli import main
 
-    assert ingest_main(hippocampus_dir, tmp_path / "s", n_test=41, progress=False) == 0
+    assert main(["ingest", str(hippocampus_dir), str(tmp_path / "s"), "--n-test", "41"]) == 0
     store = PoolStore.open(tmp_path / "s")
     assert len(store) == 201 and len(store.case_ids("test")) == 41
     assert store.manifest["class_voxels"].map(lambda v: v[1] > 0 and v[2] > 0).all()
