@@ -1,8 +1,9 @@
-"""From prediction to prompt: simulated clicks from a segmenter's label map, and the NSD comparison.
+"""From prediction to prompt: simulated clicks from a segmenter's label map, and the symmetric-difference comparison.
 
 "From Prediction to Prompt" turns the segmenter's prediction into 1, 5 or 10 clicks per class for SAM-Med3D
-and measures the share of voxels an expert must still fix with the Normalised Symmetric Difference
-``NSD = (FP + FN) / |pred U gt| x 100`` per class, for the SAM-Med3D mask beside the segmenter's own mask.
+and measures the share of voxels an expert must still fix with the normalised symmetric difference
+``symdiff_pct = (FP + FN) / |pred U gt| x 100`` per class (the paper's "NSD"; shown as "NSD (P2P)", not to be
+confused with normalised surface Dice), for the SAM-Med3D mask beside the segmenter's own mask.
 
 Arrays are ``uint8 [D, H, W]`` label maps (0 = background); clicks are voxel indices ``(d, h, w)``.
 """
@@ -15,12 +16,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from raylearn.metrics import nsd
+from raylearn.metrics import symdiff_pct
 from raylearn.models.sam_med3d import Click
 
 log = logging.getLogger(__name__)
 
-__all__ = ["clicks_from_prediction", "nsd_per_class", "compare_nsd"]
+__all__ = ["clicks_from_prediction", "compare_symdiff_pct", "symdiff_pct_per_class"]
 
 
 def _sample(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,24 +94,24 @@ def clicks_from_prediction(
     return out
 
 
-def nsd_per_class(pred: np.ndarray, gt: np.ndarray, classes: Iterable[int]) -> dict[int, float]:
-    """NSD ``(FP + FN) / |pred U gt| x 100`` per class (0 when both are empty) for label maps ``[D,H,W]``,
-    via :func:`raylearn.metrics.nsd`."""
+def symdiff_pct_per_class(pred: np.ndarray, gt: np.ndarray, classes: Iterable[int]) -> dict[int, float]:
+    """``(FP + FN) / |pred U gt| x 100`` per class (0 when both are empty) for label maps ``[D,H,W]``,
+    via :func:`raylearn.metrics.symdiff_pct`."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
-    return {int(k): float(nsd(pred == k, gt == k)) for k in classes}
+    return {int(k): float(symdiff_pct(pred == k, gt == k)) for k in classes}
 
 
-def compare_nsd(sam_label: np.ndarray, segmenter_label: np.ndarray, gt: np.ndarray,
-                classes: Iterable[int]) -> dict[int, dict[str, float]]:
-    """Per class: NSD of the SAM-Med3D mask and of the segmenter's mask vs ground truth, and the gain.
+def compare_symdiff_pct(sam_label: np.ndarray, segmenter_label: np.ndarray, gt: np.ndarray,
+                        classes: Iterable[int]) -> dict[int, dict[str, float]]:
+    """Per class: symmetric difference (%) of the SAM-Med3D mask and of the segmenter's mask vs ground truth.
 
     Returns:
-        ``{k: {"nsd_sam": %, "nsd_segmenter": %, "gain": nsd_segmenter - nsd_sam}}``; a positive gain means
-        the pre-annotation leaves fewer voxels to fix than the segmenter's prediction.
+        ``{k: {"symdiff_pct_sam": %, "symdiff_pct_segmenter": %, "gain": symdiff_pct_segmenter - symdiff_pct_sam}}``;
+        a positive gain means the pre-annotation leaves fewer voxels to fix than the segmenter's prediction.
     """
     classes = list(classes)
-    sam = nsd_per_class(sam_label, gt, classes)
-    seg = nsd_per_class(segmenter_label, gt, classes)
-    return {k: {"nsd_sam": sam[k], "nsd_segmenter": seg[k], "gain": seg[k] - sam[k]} for k in sam}
+    sam = symdiff_pct_per_class(sam_label, gt, classes)
+    seg = symdiff_pct_per_class(segmenter_label, gt, classes)
+    return {k: {"symdiff_pct_sam": sam[k], "symdiff_pct_segmenter": seg[k], "gain": seg[k] - sam[k]} for k in sam}

@@ -1,10 +1,10 @@
-"""Prediction -> prompt: interior-weighted click sampling and the NSD comparison."""
+"""Prediction -> prompt: interior-weighted click sampling and the symmetric-difference comparison."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from raylearn.prompts import clicks_from_prediction, compare_nsd, nsd_per_class
+from raylearn.prompts import clicks_from_prediction, compare_symdiff_pct, symdiff_pct_per_class
 
 
 def _two_blobs(shape=(32, 40, 36)) -> np.ndarray:
@@ -65,20 +65,20 @@ def test_absent_class_small_region_and_bad_input():
         clicks_from_prediction(lab, -1)
 
 
-def test_nsd_known_values():
+def test_symdiff_pct_known_values():
     gt = np.zeros((1, 1, 8), np.uint8)
     pred = np.zeros((1, 1, 8), np.uint8)
     gt[0, 0, 0:4] = 1
     pred[0, 0, 2:6] = 1  # overlap 2, FP 2, FN 2, union 6
     gt[0, 0, 6:8] = 2
     pred[0, 0, 6:8] = 2
-    out = nsd_per_class(pred, gt, [1, 2, 3])
+    out = symdiff_pct_per_class(pred, gt, [1, 2, 3])
     assert out[1] == pytest.approx(4 / 6 * 100) and out[2] == 0.0 and out[3] == 0.0
-    cmp = compare_nsd(gt, pred, gt, [1])
-    assert cmp[1] == {"nsd_sam": 0.0, "nsd_segmenter": pytest.approx(66.666, abs=1e-2), "gain": pytest.approx(66.666,
-                                                                                                         abs=1e-2)}
+    cmp = compare_symdiff_pct(gt, pred, gt, [1])
+    assert cmp[1] == {"symdiff_pct_sam": 0.0, "symdiff_pct_segmenter": pytest.approx(66.666, abs=1e-2),
+                      "gain": pytest.approx(66.666, abs=1e-2)}
     with pytest.raises(ValueError, match="shape"):
-        nsd_per_class(pred, gt[..., :4], [1])
+        symdiff_pct_per_class(pred, gt[..., :4], [1])
 
 
 def test_clicks_on_real_hippocampus_label(hippocampus_dir):

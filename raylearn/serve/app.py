@@ -382,7 +382,7 @@ class SamMed3DIngress:
                           n_negative: Annotated[int | None, Form(ge=0, le=50)] = None,
                           seed: Annotated[int | None, Form()] = None, format: Fmt = None):
         """Segmenter prediction -> N simulated clicks per class (interior-weighted) -> SAM-Med3D mask per class."""
-        from raylearn.prompts import clicks_from_prediction, compare_nsd
+        from raylearn.prompts import clicks_from_prediction, compare_symdiff_pct
         from raylearn.serve.preannotate import segmenter_label_map, voxel_spacing
 
         if self.segmenter is None:
@@ -415,7 +415,7 @@ class SamMed3DIngress:
             except ClickError as err:  # e.g. a predicted structure wider than the model's field of view
                 raise HTTPException(422, f"pre-annotation clicks: {err}") from None
         t2 = time.perf_counter()
-        nsd = compare_nsd(out, seg, gt, self.cfg.classes) if gt is not None else None
+        nsd = compare_symdiff_pct(out, seg, gt, self.cfg.classes) if gt is not None else None
         return self._respond(request, format, out, image, clicks=[ClickIn(**c.__dict__) for c in clicks], nsd=nsd,
                              timing_ms={"segmenter": 1e3 * (t1 - t0), "sam_med3d": 1e3 * (t2 - t1)})
 
