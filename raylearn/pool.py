@@ -16,6 +16,10 @@ re-opens the store from its constructor arguments, and every scoring call carrie
 responsible for *now* (the driver remembers removals), so an interrupted call that Ray retries on the
 restarted actor re-loads exactly the right cases. A shard that stays dead has its cases balanced onto the
 survivors (or a replacement actor). The driver checks that a round covers every pool case exactly once.
+
+Case hook: ``ShardedPool(..., case_hook=fn)`` runs ``fn(shard_index, position, case_id)`` inside the shard
+process after each case is scored. It is the one place to observe a round from within (progress, timing)
+and to inject faults: the tests register hooks that exit the process or stall a shard at a known case.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,9 @@ log = logging.getLogger(__name__)
 
 _ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
+#: ``hook(shard_index, position, case_id)``: called in the shard process after each case is scored
+CaseHook = Callable[[int, int, str], None]
+
 
 @ray.remote
 class PoolShard:
@@ -65,12 +72,13 @@ class PoolShard:
         torch_threads: intra-op threads of torch in this actor.
         prefault: read every case once at load so its pages are resident.
         preload: modules to import at start-up (the segmenter's, ``raylearn.scoring.features``).
-        _crash_dir: TEST HOOK. When ``<_crash_dir>/shard<index>`` exists during scoring, the actor removes
-            it and exits the process after its first case (a crash mid-scoring, exactly once).
+        case_hook: called as ``case_hook(index, position, case_id)`` after each case is scored, before its
+            result is kept (``position`` counts from 0 within the call). Shipped to the actor by pickling
+            (closures are fine) and kept across restarts. An exception it raises fails the call.
     """
 
     def __init__(self, store: Any, case_ids: Sequence[str], index: int = 0, torch_threads: int = 1,
-                 prefault: bool = True, preload: Sequence[str] = (), _crash_dir: str | None = None) -> None:
+                 prefault: bool = True, preload: Sequence[str] = (), case_hook: CaseHook | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(torch_threads)))
@@ -82,7 +90,7 @@ class PoolShard:
         self.index = index
         self._store = open_store(store)
         self._prefault = prefault
-        self._crash_dir = _crash_dir
+        self._case_hook = case_hook
         self._cases: dict[str, Any] = {}
         self._segmenter: tuple[str, Any] | None = None
         self._started = time.time()
@@ -176,9 +184,10 @@ class PoolShard:
             except Exception as err:  # name the case: the traceback alone does not say which one failed
                 msg = f"shard {self.index}: scoring case {cid!r} failed: {type(err).__name__}: {err}"
                 raise PoolError(msg) from err
+            if self._case_hook is not None:
+                self._case_hook(self.index, k, cid)
             if k == 0:
                 rows = {name: [] for name in feats}
-                self._maybe_crash()
             elif set(feats) != set(rows):
                 raise PoolError(f"compute_features returned keys {sorted(feats)} for {cid!r}, "
                                 f"expected {sorted(rows)}")
@@ -188,16 +197,35 @@ class PoolShard:
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
                 "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
 
-    def _maybe_crash(self) -> None:
-        if self._crash_dir is None:
-            return
-        marker = Path(self._crash_dir) / f"shard{self.index}"
-        try:
-            marker.unlink()
-        except FileNotFoundError:
-            return
-        log.warning("shard %d: crash hook fired, exiting", self.index)
-        os._exit(1)
+    # -- labelled cases and the test split (read from the store, not part of the pool) -------------
+    def score_extra(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, feature_names: Sequence[str],
+                    params: Any, ids: Sequence[str]) -> dict[str, Any]:
+        """Features of cases outside the pool (the labelled ones, for strategies that measure distances to
+        them), with the checkpoint already loaded here: ``{"ids", "features": {name: [N, ...]}}``."""
+        from raylearn.scoring.features import compute_features
+
+        seg, _ = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in feature_names}
+        for cid in ids:
+            feats = compute_features(seg, self._store.get(cid).image, list(feature_names), params)
+            for name in feature_names:
+                rows[name].append(compact_feature(name, feats[name], cid))
+        return {"ids": list(ids), "features": {k: np.stack(v) for k, v in rows.items() if v}}
+
+    def evaluate(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, ids: Sequence[str],
+                 hd95: bool = True) -> list[dict[str, Any]]:
+        """Predict test cases and score them against their ground truth: one metrics row per case
+        (:func:`raylearn.metrics.evaluate_case`). The checkpoint is the one scoring uses (loaded once)."""
+        from raylearn.metrics import evaluate_case
+
+        seg, _ = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
+        rows = []
+        for cid in ids:
+            case = self._store.get(cid)
+            pred = seg.predict_label(np.asarray(case.image))
+            row = evaluate_case(pred, np.asarray(case.label), case.spacing, self._store.num_classes, hd95=hd95)
+            rows.append({"case_id": cid, **row})
+        return rows
 
     def ping(self) -> int:
         return os.getpid()
@@ -213,7 +241,8 @@ class ShardedPool:
         resources_per_shard: ``{"num_cpus": x, "num_gpus": y}`` overriding ``config``.
         case_ids: the pool (default ``store.case_ids("pool")``).
         config: a :class:`PoolConfig` (restarts, retries, threads, progress).
-        _crash_dir: TEST HOOK forwarded to the shards (see :class:`PoolShard`).
+        case_hook: ``hook(shard_index, position, case_id)`` run in each shard after every scored case
+            (monitoring, fault injection in tests); see :class:`PoolShard`.
 
     Raises:
         PoolError: Ray is not initialised, the pool is empty, or ``case_ids`` names cases not in the store.
@@ -225,7 +254,7 @@ class ShardedPool:
 
     def __init__(self, store: Any, n_shards: int | None = None, resources_per_shard: Mapping[str, float] | None = None,
                  case_ids: Sequence[str] | None = None, config: PoolConfig | None = None,
-                 _crash_dir: str | None = None) -> None:
+                 case_hook: CaseHook | None = None) -> None:
         if not ray.is_initialized():
             raise PoolError("ShardedPool needs a running Ray instance: call ray.init() first")
         self.config = cfg = config or PoolConfig()
@@ -249,7 +278,7 @@ class ShardedPool:
         self._resources = {"num_cpus": float(rps.get("num_cpus", cfg.num_cpus)),
                            "num_gpus": float((1 if res.get("GPU", 0) else 0) if num_gpus is None else num_gpus)}
         self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
-        self._crash_dir = _crash_dir
+        self._case_hook = case_hook
         self._all_ids = set(ids)
         self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
         self._actors: dict[int, Any] = {}
@@ -271,7 +300,7 @@ class ShardedPool:
         opts = dict(self._resources, max_restarts=self.config.max_restarts,
                     max_task_retries=self.config.max_task_retries, scheduling_strategy="DEFAULT")
         self._actors[i] = PoolShard.options(**opts).remote(
-            self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._crash_dir)
+            self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._case_hook)
         self._assign[i] = list(ids)
         return i
 
@@ -357,12 +386,9 @@ class ShardedPool:
         names = validate_feature_names(feature_names)  # ValueError naming unknown features, before any work
         params = FeatureParams() if params is None else params
         t0 = time.perf_counter()
-        blob, cls = checkpoint_bytes(segmenter, segmenter_cls, self.DEFAULT_SEGMENTER)
-        digest = checkpoint_digest(blob)
-        if self._ckpt is None or self._ckpt[0] != digest:
-            self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
         put_s = time.perf_counter() - t0
-        args = ([self._ckpt[1]], digest, cls, names, params)
+        args = (ref, digest, cls, names, params)
         pending = {self._actors[i].score.remote(*args, ids, True): (i, ids) for i, ids in self._assign.items() if ids}
         expected = self.unlabeled_ids()
         results: list[dict[str, Any]] = []
@@ -394,6 +420,62 @@ class ShardedPool:
             "per_shard": [{k: r[k] for k in ("shard", "load_s", "score_s", "cpu_s", "pid")} | {"n": len(r["ids"])}
                           for r in results],
         }
+        return out
+
+    # -- evaluation and labelled-case features on the warm shards ---------------------------------
+    def _checkpoint_ref(self, segmenter: Any, segmenter_cls: str | type | None) -> tuple[list, str, str]:
+        blob, cls = checkpoint_bytes(segmenter, segmenter_cls, self.DEFAULT_SEGMENTER)
+        digest = checkpoint_digest(blob)
+        if self._ckpt is None or self._ckpt[0] != digest:
+            self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard and every job
+        return [self._ckpt[1]], digest, cls
+
+    def _spread(self, ids: Sequence[str]) -> list[tuple[Any, list[str]]]:
+        """``ids`` split over the live shards by voxel count (the test split, labelled cases)."""
+        actors = list(self._actors.values())
+        sizes = voxel_counts(self.store, list(ids))
+        return [(actors[j], [ids[k] for k in members])
+                for j, members in enumerate(balance(sizes, len(actors))) if members]
+
+    def submit_evaluate(self, segmenter: Any, ids: Sequence[str], hd95: bool = True,
+                        segmenter_cls: str | type | None = None) -> list[Any]:
+        """Queue test-split evaluation on the shards (non-blocking); pass the refs to :meth:`collect_evaluate`.
+
+        Submitted before :meth:`score` with the same checkpoint, evaluation of round r and scoring for round
+        r+1 share the loaded model and run back to back on every shard with no barrier in between.
+        """
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
+        return [(a.evaluate.remote(ref, digest, cls, chunk, hd95), chunk) for a, chunk in self._spread(list(ids))]
+
+    def collect_evaluate(self, pending: list[Any], segmenter: Any = None, hd95: bool = True,
+                         segmenter_cls: str | type | None = None) -> list[dict[str, Any]]:
+        """Rows of :meth:`submit_evaluate`; a chunk whose shard died is re-run on a live one."""
+        rows: list[dict[str, Any]] = []
+        for ref, chunk in pending:
+            try:
+                rows.extend(ray.get(ref))
+            except _ACTOR_ERRORS as err:
+                if segmenter is None:
+                    raise
+                log.warning("pool: a shard died during evaluation (%s); re-running %d case(s)", err, len(chunk))
+                rows.extend(ray.get(self.submit_evaluate(segmenter, chunk, hd95, segmenter_cls)[0][0]))
+        return rows
+
+    def score_cases(self, segmenter: Any, ids: Sequence[str], feature_names: Sequence[str], params: Any = None,
+                    segmenter_cls: str | type | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Features of cases outside the pool (e.g. labelled ones) on the warm shards: ``{id: {name: value}}``."""
+        from raylearn.scoring.features import FeatureParams
+
+        if not ids:
+            return {}
+        params = FeatureParams() if params is None else params
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
+        refs = [a.score_extra.remote(ref, digest, cls, list(feature_names), params, chunk)
+                for a, chunk in self._spread(list(ids))]
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for res in ray.get(refs):
+            for k, cid in enumerate(res["ids"]):
+                out[cid] = {name: col[k] for name, col in res["features"].items()}
         return out
 
     def _replace(self, dead: int, ids: Sequence[str]) -> dict[int, list[str]]:

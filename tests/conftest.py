@@ -1,8 +1,11 @@
-"""Shared pytest fixtures: one Ray session for the whole run, data locations."""
+"""Shared pytest fixtures: one Ray session for the whole run, free ports, data locations."""
 
 from __future__ import annotations
 
 import os
+import random
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,50 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def pick_free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that are free now on every interface, for a server a test starts itself.
+
+    Drawn at random between Ray's default worker port range (10002-19999) and the kernel's ephemeral range
+    (``ip_local_port_range``, 32768 up by default), so neither Ray's workers nor outgoing connections take
+    them in the moments before the server binds; all ``n`` are held bound together, so they are distinct.
+    Never a fixed default port: a second Ray instance on the machine (this pytest session's, another
+    user's) already holds those.
+    """
+    low, high = 20000, min(_ephemeral_low(), 65536) - 1
+    rng = random.Random()  # OS-seeded: parallel test runs draw different ports
+    held: list[socket.socket] = []
+    try:
+        for _ in range(50 * n):
+            if len(held) == n:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("0.0.0.0", rng.randint(low, high)))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        if len(held) < n:
+            raise RuntimeError(f"found only {len(held)} of {n} free ports in {low}-{high}")
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.fixture
+def free_ports() -> Callable[[int], list[int]]:
+    """``free_ports(n)``: see :func:`pick_free_ports`."""
+    return pick_free_ports
 
 
 @pytest.fixture(scope="session")

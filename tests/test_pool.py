@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,72 @@ def test_bad_inputs_raise_clear_errors(pool2, store, params, tmp_path):
         pool2.mark_labeled(["no_such_case"])
 
 
+# --------------------------------------------------------------------------- fault injection (case hooks)
+# Hooks are built by factories so that they are closures: cloudpickle ships them to the shard by value (a
+# module-level function of this test module would be pickled by name, and workers cannot import tests/).
+def _crash_once(marker_dir):
+    """Hook: a shard whose marker ``<marker_dir>/shard<index>`` exists removes it and exits after its first case."""
+
+    def hook(shard: int, position: int, case_id: str) -> None:
+        if position != 0:
+            return
+        try:
+            (Path(marker_dir) / f"shard{shard}").unlink()
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+    return hook
+
+
+def _stall_when_armed(shard_index, gate):
+    """Hook: once ``gate`` is armed, the first case shard ``shard_index`` scores is reported to the gate and the
+    shard blocks there until the gate opens (or the shard is killed); every other call passes straight through."""
+
+    def hook(shard: int, position: int, case_id: str) -> None:
+        import ray
+
+        if shard == shard_index and ray.get(gate.arrive.remote()):
+            ray.get(gate.opened.remote())
+
+    return hook
+
+
+def _gate(ray):
+    """A small signal actor the test controls: ``arm``, then wait on ``arrived``, ``open`` to let the shard go."""
+    import asyncio
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self) -> None:
+            self.armed = False
+            self.arrivals = 0
+            self._arrived, self._opened = asyncio.Event(), asyncio.Event()
+
+        async def arm(self) -> None:
+            self.armed = True
+
+        async def arrive(self) -> bool:
+            """True (stop here) for the first arrival after ``arm``."""
+            self.arrivals += 1
+            stop, self.armed = self.armed, False
+            if stop:
+                self._arrived.set()
+            return stop
+
+        async def arrived(self) -> int:
+            await self._arrived.wait()
+            return self.arrivals
+
+        async def opened(self) -> None:
+            await self._opened.wait()
+
+        async def open(self) -> None:
+            self._opened.set()
+
+    return Gate.options(scheduling_strategy="DEFAULT").remote()
+
+
 def _exactly_once(out, expected):
     ids = list(out["ids"])
     assert len(ids) == len(set(ids)) and ids == sorted(expected)
@@ -213,7 +280,7 @@ def test_removal_crash_restart_and_redistribution(ray_session, store, ckpt, para
 
     names = ["entropy", "embedding"]
     cfg = PoolConfig(num_cpus=0.5, max_restarts=1, max_task_retries=1, **QUIET)
-    with ShardedPool(store, n_shards=2, config=cfg, _crash_dir=str(tmp_path)) as pool:
+    with ShardedPool(store, n_shards=2, config=cfg, case_hook=_crash_once(str(tmp_path))) as pool:
         # -- removal of labelled cases
         before = sum(s["bytes_resident"] for s in pool.shards_state())
         gone = store.case_ids("pool")[:3]
@@ -251,23 +318,45 @@ def test_removal_crash_restart_and_redistribution(ray_session, store, ckpt, para
 
 @pytest.mark.slow
 def test_ray_kill_during_scoring(ray_session, store, ckpt, params):
-    """``ray.kill(actor, no_restart=False)`` while a round is in flight: the round still covers every case once."""
+    """``ray.kill(actor, no_restart=False)`` while a round is in flight: the round still covers every case once.
+
+    The kill lands at a known point whatever the machine's speed: shard 1 stalls in its case hook after its
+    first case until the test has killed it; Ray restarts it and retries the call, which then runs through."""
     import threading
 
     from raylearn.pool import ShardedPool
 
     names = ["bald", "tta_variance"]
-    slow = params.model_copy(update={"mc_samples": 256})  # several seconds per shard
-    with ShardedPool(store, n_shards=2, config=PoolConfig(num_cpus=0.5, **QUIET)) as pool:
-        box = {}
-        worker = threading.Thread(target=lambda: box.update(out=pool.score(ckpt[1], names, slow)))
-        worker.start()
-        time.sleep(2.0)
-        assert worker.is_alive(), "round finished before the kill; make it slower"
-        ray_session.kill(pool._actors[1], no_restart=False)
-        worker.join(timeout=300)
-        _exactly_once(box["out"], store.case_ids("pool"))
-        assert pool.last_stats["restarted_shards"] == [1]
+    gate = _gate(ray_session)
+    try:
+        with ShardedPool(store, n_shards=2, config=PoolConfig(num_cpus=0.5, **QUIET),
+                         case_hook=_stall_when_armed(1, gate)) as pool:
+            reference = pool.score(ckpt[1], names, params)  # gate not armed: an undisturbed round
+            ray_session.get(gate.arm.remote())
+            box = {}
+
+            def run():
+                try:
+                    box["out"] = pool.score(ckpt[1], names, params)
+                except BaseException as err:  # re-raised in the test's thread below
+                    box["err"] = err
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            ray_session.get(gate.arrived.remote(), timeout=300)  # shard 1 has scored a case and waits in the hook
+            assert worker.is_alive() and not box
+            ray_session.kill(pool._actors[1], no_restart=False)
+            worker.join(timeout=300)
+            assert not worker.is_alive(), "the round did not finish after the kill"
+            if "err" in box:
+                raise box["err"]
+            _exactly_once(box["out"], store.case_ids("pool"))
+            assert pool.last_stats["restarted_shards"] == [1] and pool.last_stats["redistributions"] == 0
+            for name in names:
+                np.testing.assert_array_equal(box["out"]["features"][name], reference["features"][name])
+    finally:
+        ray_session.get(gate.open.remote())
+        ray_session.kill(gate)
 
 
 # --------------------------------------------------------------------------- driver memory
