@@ -8,6 +8,7 @@ the header before handing the file to SimpleITK.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 import zlib
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["DIRECTION_ATOL", "ORIGIN_ATOL_MM", "SPACING_RTOL", "DatasetError", "check_geometry", "read_image"]
+__all__ = [
+    "DIRECTION_ATOL", "ORIGIN_ATOL_MM", "SPACING_RTOL", "DatasetError", "check_geometry", "file_sha256", "read_image",
+]
 
 #: tolerances used to call two geometries equal (relative for spacing, mm for origin)
 SPACING_RTOL = 1e-4
@@ -25,6 +28,13 @@ DIRECTION_ATOL = 1e-4
 
 class DatasetError(ValueError):
     """A dataset folder, file or case is invalid; the message names the file and the problem."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, streamed (``hashlib.file_digest``): the project's one file hash
+    (dataset fingerprints, nnU-Net plans, checkpoint identity)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_gzip(path: Path, what: str) -> None:

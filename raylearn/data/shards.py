@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from raylearn.data.imageio import file_sha256
 from raylearn.data.preprocess import PreprocessConfig
 from raylearn.data.readers import DatasetInfo
 
@@ -90,14 +91,6 @@ def split_cases(
     return {c: ("test" if c in test else "pool") for c in ids}
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def input_fingerprint(info: DatasetInfo) -> str:
     """sha256 over the dataset description and the bytes of every case file (missing files included)."""
     h = hashlib.sha256()
@@ -107,7 +100,7 @@ def input_fingerprint(info: DatasetInfo) -> str:
         h.update(rec.case_id.encode())
         for p in paths:
             h.update(p.name.encode())
-            h.update(_file_digest(p).encode() if p.is_file() else b"<missing>")
+            h.update(file_sha256(p).encode() if p.is_file() else b"<missing>")
     return h.hexdigest()
 
 

@@ -21,7 +21,6 @@ nnU-Net sees the same arrays (SimpleITK axis order) so its probabilities come ba
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from raylearn.data.imageio import file_sha256
 from raylearn.models.config import NnUNetConfig
 from raylearn.models.nnunet_segmenter import BUNDLE_FORMAT, NnUNetSegmenter, require_nnunet
 
@@ -207,11 +207,6 @@ def preprocess_new(cfg: NnUNetConfig, case_ids: Sequence[str]) -> list[str]:
             )
         done.append(cid)
     return done
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (used to show the plans stay unchanged between rounds)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_round(

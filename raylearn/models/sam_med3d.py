@@ -15,7 +15,6 @@ further click costs only the prompt encoder + mask decoder (see ``benchmarks/ser
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import threading
@@ -30,6 +29,7 @@ import torch
 from pydantic import model_validator
 
 from raylearn.config import StrictModel
+from raylearn.data.imageio import file_sha256
 from raylearn.models.sam_med3d_prep import (  # noqa: F401  (re-exported: the public API of this module)
     Click,
     ClickError,
@@ -161,15 +161,6 @@ def build_from_medim_classes(m, a: dict) -> torch.nn.Module:
                                      iou_head_depth=3, iou_head_hidden_dim=256),
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (checkpoint identity for ``/v1/info``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
