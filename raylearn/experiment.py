@@ -23,10 +23,47 @@ from pydantic import Field, model_validator
 from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
 from raylearn.data.preprocess import PreprocessConfig
 from raylearn.models.config import ModelConfig, TrainConfig
-from raylearn.pool_config import PoolConfig
-from raylearn.scoring.features import FeatureParams
+from raylearn.scoring.features import FeatureParams, model_calls_for
 
-__all__ = ["ExperimentConfig", "load_experiment", "DataConfig", "ScheduleConfig", "StrategyConfig"]
+__all__ = [
+    "BACKEND_CALLS", "DataConfig", "ExperimentConfig", "PoolConfig", "ScheduleConfig", "StrategyConfig",
+    "load_experiment",
+]
+
+#: the :class:`~raylearn.models.base.Segmenter` calls each ``model.backend`` implements. The MONAI U-Net samples MC
+#: dropout at ``model.mc_dropout`` (> 0 by :class:`ModelConfig`), whatever its training ``model.dropout``;
+#: nnU-Net's networks have no dropout, so its segmenter cannot sample (``predict_mc`` raises).
+BACKEND_CALLS: dict[str, frozenset[str]] = {
+    "monai_unet": frozenset({"predict_proba", "predict_mc", "predict_tta", "embed"}),
+    "nnunet": frozenset({"predict_proba", "predict_tta", "embed"}),
+}
+
+
+class PoolConfig(StrictModel):
+    """How the unlabeled pool is sharded over Ray actors (the ``pool:`` section; see :mod:`raylearn.pool`).
+
+    Attributes:
+        n_shards: number of ``PoolShard`` actors; ``None`` = GPUs in the cluster, else CPUs.
+        num_cpus: logical CPUs reserved per shard (a Ray scheduling hint; may be fractional).
+        num_gpus: GPUs per shard; ``None`` = 1 on a cluster with GPUs, else 0.
+        torch_threads: intra-op threads of torch inside a shard; ``None`` = ``max(1, floor(num_cpus))``.
+        max_restarts: Ray ``max_restarts`` of each shard actor (-1 = unlimited).
+        max_task_retries: Ray ``max_task_retries`` of each shard actor (-1 = unlimited).
+        max_redistributions: per scoring round, how many permanently dead shards may have their
+            cases moved to the surviving shards (or to a replacement actor) before giving up.
+        prefault: touch every held case once at load so its pages are resident before scoring.
+        progress: show a tqdm progress bar (cases scored) on the driver.
+    """
+
+    n_shards: int | None = Field(default=None, ge=1)
+    num_cpus: float = Field(default=0.25, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    max_restarts: int = Field(default=3, ge=-1)
+    max_task_retries: int = Field(default=3, ge=-1)
+    max_redistributions: int = Field(default=4, ge=0)
+    prefault: bool = True
+    progress: bool = True
 
 
 class PhantomConfig(StrictModel):
@@ -118,10 +155,27 @@ class ExperimentConfig(StrictModel):
         for where, name, params in (("strategy", self.strategy.name, self.strategy.params),
                                     ("cold_start", self.cold_start.strategy, self.cold_start.params)):
             try:
-                build_strategy(name, **params)
+                strategy = build_strategy(name, **params)
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"{where}: {err}") from None
+            if where == "strategy":
+                self._check_backend_can_score(name, strategy.required_features())
         return self
+
+    def _check_backend_can_score(self, name: str, features: frozenset[str]) -> None:
+        """Refuse, before round 0 trains, a strategy whose features ``model.backend`` cannot compute."""
+        backend = self.model.backend
+        missing = sorted(set(model_calls_for(features, self.features)) - BACKEND_CALLS[backend])
+        if not missing:
+            return
+        needs = sorted(f for f in features if set(model_calls_for([f], self.features)) & set(missing))
+        raise ValueError(
+            f"strategy.name: {name!r} needs feature(s) {needs}, which model.backend: {backend} cannot compute "
+            f"(it has no {' / '.join(missing)}"
+            + ("; nnU-Net has no dropout to sample" if "predict_mc" in missing else "")
+            + "). Use model.backend: monai_unet, or a strategy on features it can compute (e.g. least_confidence, "
+            "entropy, margin, tta_variance)"
+        )
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

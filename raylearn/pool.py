@@ -37,9 +37,9 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from raylearn.pool_config import (
+from raylearn.experiment import PoolConfig
+from raylearn.pool_support import (
     MAX_ELEMENTS_PER_CASE,
-    PoolConfig,
     PoolError,
     balance,
     checkpoint_bytes,
@@ -327,10 +327,6 @@ class ShardedPool:
             st["in_sync"] = st["alive"] and st["ids"] == st["assigned"]
             out.append(st)
         return out
-
-    def sync(self) -> None:
-        """Re-send every shard its assignment (e.g. after an actor restarted with its initial cases)."""
-        ray.get([self._actors[i].hold.remote(ids) for i, ids in self._assign.items()])
 
     def score(self, segmenter: Any, feature_names: Sequence[str], params: Any = None,
               segmenter_cls: str | type | None = None) -> dict[str, Any]:

@@ -95,3 +95,41 @@ def test_sweep_search_space_validation(tmp_path):
         validate_search_space({"schedule.batch_size": {"grid": [2, -1]}}, base, "s.yaml")
     sweep = load_config(REPO / "deployments" / "sweep.yaml", SweepConfig)
     assert sweep.metric == "alc"
+
+
+@pytest.mark.parametrize("name", ["bald", "mc_entropy"])
+def test_mc_dropout_strategy_refused_with_nnunet_backend(tmp_path, name):
+    p = _write(tmp_path, {"strategy": {"name": name}, "model": {"backend": "nnunet"}})
+    with pytest.raises(ConfigError) as e:
+        load_experiment(p)
+    msg = str(e.value)
+    assert f"strategy.name: '{name}' needs feature(s) ['{name}']" in msg
+    assert "model.backend: nnunet cannot compute (it has no predict_mc" in msg and "monai_unet" in msg
+    # a strategy whose score is configurable is refused for the same reason
+    p = _write(tmp_path, {"strategy": {"name": "cluster_topk", "params": {"score": "bald"}},
+                          "model": {"backend": "nnunet"}})
+    with pytest.raises(ConfigError, match=r"'cluster_topk' needs feature\(s\) \['bald'\]"):
+        load_experiment(p)
+
+
+def test_backend_feature_checks_pass_where_the_backend_can_score(tmp_path):
+    for strategy, backend in (("bald", "monai_unet"), ("least_confidence", "nnunet"), ("typiclust", "nnunet")):
+        cfg = load_experiment(_write(tmp_path, {"strategy": {"name": strategy}, "model": {"backend": backend}}))
+        assert cfg.strategy.name == strategy
+    # MC sampling uses model.mc_dropout, so a MONAI model trained without dropout can still run bald
+    cfg = load_experiment(_write(tmp_path, {"strategy": {"name": "bald"}, "model": {"dropout": 0}}))
+    assert cfg.strategy.name == "bald"
+
+
+def test_backend_calls_match_the_segmenter_classes():
+    """BACKEND_CALLS declares, without importing torch at config time, what each backend class implements."""
+    from raylearn.experiment import BACKEND_CALLS
+    from raylearn.models.base import Segmenter
+    from raylearn.models.nnunet_segmenter import NnUNetSegmenter
+    from raylearn.models.unet import MonaiSegmenter
+
+    def implemented(cls):
+        generic = {"predict_proba", "predict_tta"}  # abstract, and flip TTA built on predict_proba for every backend
+        return generic | {m for m in ("predict_mc", "embed") if getattr(cls, m) is not getattr(Segmenter, m)}
+
+    assert BACKEND_CALLS == {"monai_unet": implemented(MonaiSegmenter), "nnunet": implemented(NnUNetSegmenter)}

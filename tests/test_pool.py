@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from raylearn.config import ConfigError, parse_config
-from raylearn.pool_config import MAX_ELEMENTS_PER_CASE, PoolConfig, PoolError, balance, compact_feature
+from raylearn.experiment import PoolConfig
+from raylearn.pool_support import MAX_ELEMENTS_PER_CASE, PoolError, balance, compact_feature
 
 ALL = [
-    "least_confidence", "least_confidence_paper", "entropy", "margin", "mc_entropy", "bald", "mc_variance",
+    "least_confidence", "entropy", "margin", "mc_entropy", "bald", "mc_variance",
     "tta_variance", "embedding", "weighted_embedding", "fg_volume",
 ]
 QUIET = {"progress": False, "prefault": True}
@@ -64,7 +65,7 @@ def test_compact_feature_rejects_voxel_maps():
 def test_checkpoint_digest_and_backend_detection(tmp_path):
     import torch
 
-    from raylearn.pool_config import checkpoint_digest, detect_segmenter_cls
+    from raylearn.pool_support import checkpoint_digest, detect_segmenter_cls
 
     bundle = {"format": "raylearn.nnunet_segmenter/1", "w": torch.arange(6.0)}
     torch.save(bundle, tmp_path / "a.pt")

@@ -39,11 +39,6 @@ class FeatureSpec:
 _P = frozenset({"predict_proba"})
 FEATURES: dict[str, FeatureSpec] = {
     "least_confidence": FeatureSpec("reduced 1 - max_k p (classic least confidence)", _P),
-    "least_confidence_paper": FeatureSpec(
-        "mean |1 - p| over voxels and classes, as written in From Prediction to Prompt (constant 1-1/K for "
-        "normalised probabilities; kept for reproduction)",
-        _P,
-    ),
     "entropy": FeatureSpec("reduced voxel entropy of the prediction (nats)", _P),
     "margin": FeatureSpec("reduced 1 - (p_top1 - p_top2)", _P),
     "mc_entropy": FeatureSpec("reduced entropy of the mean MC-dropout prediction", frozenset({"predict_mc"})),
@@ -59,7 +54,7 @@ FEATURES: dict[str, FeatureSpec] = {
     "fg_volume": FeatureSpec("predicted voxels per foreground class, float32 [K-1]", _P, "vector"),
 }
 
-_PROB = {"least_confidence", "least_confidence_paper", "entropy", "margin", "fg_volume", "weighted_embedding"}
+_PROB = {"least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding"}
 _MC = {"mc_entropy", "bald", "mc_variance"}
 
 
@@ -188,8 +183,6 @@ def compute_features(
         for name in ("least_confidence", "entropy", "margin"):
             if name in wanted:
                 out[name] = _scalar(reduce_map(vmap(name), labels=labels, **red))
-        if "least_confidence_paper" in wanted:
-            out["least_confidence_paper"] = _scalar(unc.least_confidence_paper(probs))
         if "fg_volume" in wanted:
             out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
         if "weighted_embedding" in wanted:

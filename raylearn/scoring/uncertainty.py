@@ -20,7 +20,6 @@ __all__ = [
     "bald",
     "entropy",
     "least_confidence",
-    "least_confidence_paper",
     "margin",
     "mc_variance",
     "predictive_entropy",
@@ -41,7 +40,13 @@ def _check_probs(probs: np.ndarray, ndim: int, name: str) -> np.ndarray:
 
 
 def least_confidence(probs: np.ndarray) -> np.ndarray:
-    """Classic least confidence ``1 - max_k p_k``.
+    """Classic least confidence ``1 - max_k p_k``: the least-confidence score of "From Prediction to Prompt".
+
+    The paper writes the score as ``|1 - ŷ|`` averaged over voxels and classes. Read literally, with ``ŷ`` every
+    class's probability, it is ``1 - 1/K`` for every voxel of any softmax output: the same number for every case,
+    so a top-k over it selects at random. The faithful reading is ``ŷ`` = the winning (arg-max) class's
+    probability, which is this map; reduced over the volume with ``mean`` (the default of
+    :func:`raylearn.scoring.reduce.reduce_map`) it is the paper's case score.
 
     Args:
         probs: ``[K, D, H, W]`` class probabilities.
@@ -51,25 +56,6 @@ def least_confidence(probs: np.ndarray) -> np.ndarray:
     """
     probs = _check_probs(probs, 4, "least_confidence")
     return (1.0 - probs.max(axis=0)).astype(np.float32)
-
-
-def least_confidence_paper(probs: np.ndarray) -> float:
-    """Least confidence exactly as written in "From Prediction to Prompt": ``mean |1 - p|`` over voxels AND classes.
-
-    Note:
-        For probabilities that sum to one over ``K`` this equals ``1 - 1/K`` for every voxel, so it is the
-        same number for every case and carries no ranking information (a top-k over it degenerates to the
-        strategy's random tie-break). It is kept to reproduce the paper; use :func:`least_confidence` with a
-        volume reduction (``mean`` or ``class_mean``) for a working score.
-
-    Args:
-        probs: ``[K, D, H, W]`` class probabilities.
-
-    Returns:
-        A Python float.
-    """
-    probs = _check_probs(probs, 4, "least_confidence_paper")
-    return float(np.abs(1.0 - probs).mean(dtype=np.float64))
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ from raylearn.strategies.base import (
     QueryStrategy,
     build_strategy,
     register_strategy,
-    strategy_info,
 )
 
-__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy", "strategy_info"]
+__all__ = ["STRATEGIES", "PoolView", "QueryStrategy", "build_strategy", "register_strategy"]

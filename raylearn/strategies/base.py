@@ -25,7 +25,6 @@ __all__ = [
     "build_strategy",
     "configurable_requires",
     "register_strategy",
-    "strategy_info",
 ]
 
 
@@ -252,23 +251,3 @@ def build_strategy(name: str, **params: Any) -> QueryStrategy:
     if bad:
         raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(FEATURES))}")
     return strategy
-
-
-def strategy_info() -> list[dict[str, Any]]:
-    """One row per registered strategy: ``name``, ``params`` (defaults), ``requires``, ``summary`` (for CLIs/docs)."""
-    rows = []
-    for name in sorted(STRATEGIES):
-        cls = STRATEGIES[name]
-        inst = cls()
-        paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
-        summary = " ".join(line.strip() for line in paragraph.splitlines())
-        rows.append(
-            {
-                "name": name,
-                "params": inst.get_params(),
-                "requires": sorted(inst.required_features()),
-                "uses_labeled": inst.needs_labeled_features(),
-                "summary": summary,
-            }
-        )
-    return rows

@@ -9,7 +9,6 @@ from raylearn.strategies.base import PoolView, QueryStrategy, register_strategy
 __all__ = [
     "BALDStrategy",
     "EntropyStrategy",
-    "LeastConfidencePaperStrategy",
     "LeastConfidenceStrategy",
     "MCEntropyStrategy",
     "MarginStrategy",
@@ -59,15 +58,13 @@ def _topk_class(name: str, feature: str, doc: str) -> type[TopKScore]:
 
 
 LeastConfidenceStrategy = _topk_class(
-    "least_confidence", "least_confidence", "Top-k by least confidence (reduced ``1 - max p``)."
+    "least_confidence",
+    "least_confidence",
+    "Top-k by least confidence (reduced ``1 - max p``): \"From Prediction to Prompt\"'s |1 - ŷ| with ŷ the winning "
+    "class's probability (see :func:`raylearn.scoring.uncertainty.least_confidence`).",
 )
 EntropyStrategy = _topk_class("entropy", "entropy", "Top-k by reduced voxel entropy.")
 MarginStrategy = _topk_class("margin", "margin", "Top-k by margin uncertainty ``1 - (p1 - p2)``.")
 MCEntropyStrategy = _topk_class("mc_entropy", "mc_entropy", "Top-k by MC-dropout predictive entropy.")
 BALDStrategy = _topk_class("bald", "bald", "Top-k by BALD mutual information over MC-dropout samples.")
 TTAVarianceStrategy = _topk_class("tta_variance", "tta_variance", "Top-k by variance across flip TTA.")
-LeastConfidencePaperStrategy = _topk_class(
-    "least_confidence_paper",
-    "least_confidence_paper",
-    "Top-k by the literal From-Prediction-to-Prompt score (constant for softmax outputs: ties -> random).",
-)

@@ -94,7 +94,7 @@ def test_all_features_share_model_calls():
 
 def test_prob_features_share_one_predict_proba():
     seg = ToySegmenter()
-    names = ["least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding", "least_confidence_paper"]
+    names = ["least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding"]
     compute_features(seg, make_image(), names)
     assert dict(seg.calls) == {"predict_proba": 1, "embed": 1}
     seg = ToySegmenter()
@@ -191,7 +191,6 @@ def test_every_feature_with_a_tiny_monai_segmenter():
     assert out["weighted_embedding"].shape == (8,)
     assert out["fg_volume"].shape == (2,) and out["fg_volume"].sum() <= 16**3
     assert 0 <= out["least_confidence"] <= 2 / 3 and 0 <= out["entropy"] <= np.log(3) + 1e-6
-    assert out["least_confidence_paper"] == pytest.approx(2 / 3, abs=1e-5)
     assert out["bald"] >= 0 and out["mc_variance"] > 0  # dropout 0.3 makes samples differ
     again = compute_features(seg, img, ["bald", "entropy"], params)
     assert again["bald"] == out["bald"] and again["entropy"] == out["entropy"]

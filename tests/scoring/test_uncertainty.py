@@ -11,7 +11,6 @@ from raylearn.scoring import (
     bald,
     entropy,
     least_confidence,
-    least_confidence_paper,
     margin,
     mc_variance,
     predictive_entropy,
@@ -33,15 +32,6 @@ def test_least_confidence_values():
     lc = least_confidence(vox(CONFIDENT, UNSURE, UNIFORM))
     assert lc.shape == (1, 1, 3) and lc.dtype == np.float32
     np.testing.assert_allclose(lc.ravel(), [0.02, 0.5, 2 / 3], rtol=1e-5)
-
-
-def test_paper_least_confidence_is_constant_for_normalised_probabilities():
-    rng = np.random.default_rng(0)
-    for k in (2, 3, 5):
-        p = rng.dirichlet(np.ones(k), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
-        assert least_confidence_paper(p) == pytest.approx(1 - 1 / k, abs=1e-5)
-    # un-normalised input (e.g. sigmoid outputs) is where it can vary
-    assert least_confidence_paper(np.full((2, 1, 1, 1), 0.25, np.float32)) == pytest.approx(0.75)
 
 
 def test_entropy_values_and_ranking():

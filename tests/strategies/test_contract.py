@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raylearn.scoring.features import FEATURES
-from raylearn.strategies import STRATEGIES, PoolView, build_strategy, strategy_info
+from raylearn.strategies import STRATEGIES, PoolView, build_strategy
 
 #: strategies whose selection depends on the seed even when the features have no ties
 RANDOMISED = {"random", "fg_random", "power", "fps"}
@@ -151,11 +151,3 @@ def test_labelled_rows_may_be_unscored_unless_the_strategy_uses_them(name):
             strat.select(nan_pool, 4)
     else:
         np.testing.assert_array_equal(strat.select(nan_pool, 4), strat.select(pool, 4))
-
-
-def test_strategy_info_lists_every_strategy():
-    rows = {r["name"]: r for r in strategy_info()}
-    assert set(rows) == set(STRATEGIES)
-    assert rows["typiclust"]["params"]["knn"] == 20 and rows["typiclust"]["uses_labeled"] is True
-    assert rows["gscu"]["requires"] == ["entropy", "weighted_embedding"]
-    assert all(r["summary"] for r in rows.values())
