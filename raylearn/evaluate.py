@@ -20,8 +20,10 @@ def _load(checkpoint: str):
 
 
 @ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="DEFAULT")
-def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True) -> list[dict]:
-    """Predict and score ``ids`` against their ground truth: one metrics row per case."""
+def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True,
+                   surface_tolerance_mm: float | None = 1.0) -> list[dict]:
+    """Predict and score ``ids`` against their ground truth: one metrics row per case
+    (:func:`raylearn.metrics.evaluate_case`; ``surface_tolerance_mm`` is the surface Dice tolerance, None = off)."""
     import torch
 
     from raylearn.metrics import evaluate_case
@@ -32,8 +34,8 @@ def evaluate_chunk(store, checkpoint: str, ids: Sequence[str], hd95: bool = True
     for cid in ids:
         case = store.get(cid)
         pred = seg.predict_label(np.asarray(case.image))
-        row = evaluate_case(pred, np.asarray(case.label), case.spacing, store.num_classes,
-                            hd95=hd95)
+        row = evaluate_case(pred, np.asarray(case.label), case.spacing, store.num_classes, hd95=hd95,
+                            surface_tolerance_mm=surface_tolerance_mm)
         rows.append({"case_id": cid, **row})
     return rows
 

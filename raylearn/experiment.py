@@ -126,9 +126,11 @@ class ScheduleConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    """Evaluation on the test split after every round."""
+    """Evaluation on the test split after every round (metrics: :func:`raylearn.metrics.evaluate_case`)."""
 
     hd95: bool = True
+    #: tolerance of the normalised surface Dice in mm (``null`` = no surface Dice)
+    surface_dice_tolerance_mm: float | None = Field(1.0, ge=0)
     full_data_reference: bool = False
     max_test_cases: int | None = Field(None, ge=1)
 

@@ -133,3 +133,11 @@ def test_backend_calls_match_the_segmenter_classes():
         return generic | {m for m in ("predict_mc", "embed") if getattr(cls, m) is not getattr(Segmenter, m)}
 
     assert BACKEND_CALLS == {"monai_unet": implemented(MonaiSegmenter), "nnunet": implemented(NnUNetSegmenter)}
+
+
+def test_surface_dice_tolerance(tmp_path):
+    assert load_experiment(_write(tmp_path, {})).evaluate.surface_dice_tolerance_mm == 1.0
+    assert load_experiment(_write(tmp_path, {"evaluate": {"surface_dice_tolerance_mm": None}})).evaluate \
+        .surface_dice_tolerance_mm is None
+    with pytest.raises(ConfigError, match=r"evaluate\.surface_dice_tolerance_mm"):
+        load_experiment(_write(tmp_path, {"evaluate": {"surface_dice_tolerance_mm": -1}}))
