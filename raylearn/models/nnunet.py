@@ -30,7 +30,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -86,7 +85,14 @@ def nnunet_env(work_dir: str | Path, cfg: NnUNetConfig, results_name: str = "res
 
 @contextlib.contextmanager
 def environment(env: Mapping[str, str]) -> Iterator[None]:
-    """Temporarily set environment variables (nnunetv2 reads its paths lazily from ``os.environ``)."""
+    """Temporarily set environment variables, restoring the previous values (or their absence) on exit.
+
+    nnunetv2 has no configuration object: it reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results``
+    from ``os.environ`` once, when :mod:`nnunetv2.paths` is first imported, and its process counts and our
+    trainer's ``RAYLEARN_NNUNET_*`` schedule on each use. In a Ray task all of them come from ``runtime_env``
+    (see :func:`raylearn.train.fit_round`), so every task starts a worker whose first import sees its own paths;
+    this context manager covers in-process calls and the per-use variables (``nnUNet_n_proc_DA`` while planning).
+    """
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -145,13 +151,36 @@ def _plans_file(cfg: NnUNetConfig) -> Path:
     return Path(str(nnUNet_preprocessed)) / dataset_folder_name(cfg) / f"{cfg.plans_identifier}.json"
 
 
+@contextlib.contextmanager
+def _fingerprint_pool_on_threads() -> Iterator[None]:
+    """Run nnU-Net's fingerprint extraction on a thread pool instead of its "spawn" process pool.
+
+    Why not a public API: ``DatasetFingerprintExtractor.run`` (nnunetv2 2.8.1) always opens
+    ``multiprocessing.get_context("spawn").Pool(num_processes)`` inline, even for ``num_processes=1``; neither
+    ``extract_fingerprint_dataset`` nor the ``nnUNetv2_extract_fingerprint`` command offers an in-process path, and
+    overriding ``run`` in a subclass would copy its 80 lines of aggregation. Starting that pool inside a Ray worker
+    hung before exec in our runs, so for the duration of the call the module's ``multiprocessing`` name is pointed
+    at an object whose ``get_context(...).Pool`` is :class:`multiprocessing.pool.ThreadPool` (same API, and
+    ``analyze_case`` releases the GIL in numpy/SimpleITK). The original module is restored on exit.
+    """
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+
+    original = fingerprint_extractor.multiprocessing
+    fingerprint_extractor.multiprocessing = types.SimpleNamespace(
+        get_context=lambda *_a, **_k: types.SimpleNamespace(Pool=ThreadPool)
+    )
+    try:
+        yield
+    finally:
+        fingerprint_extractor.multiprocessing = original
+
+
 def plan_once(cfg: NnUNetConfig) -> tuple[Path, bool]:
     """Fingerprint + plans for the exported cases, only when no plans exist yet -> ``(plans_file, planned_now)``.
 
     Needs the nnU-Net environment (:func:`nnunet_env`) to be set.
     """
     require_nnunet()
-    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
@@ -161,12 +190,9 @@ def plan_once(cfg: NnUNetConfig) -> tuple[Path, bool]:
     plans_file = _plans_file(cfg)
     if plans_file.is_file():
         return plans_file, False
-    # nnU-Net extracts the fingerprint in a "spawn" process pool. Forking inside a Ray worker can deadlock
-    # (a forked child hung before exec in our runs), so the same pool API runs on threads here.
-    threads = types.SimpleNamespace(get_context=lambda *_a, **_k: types.SimpleNamespace(Pool=ThreadPool))
     # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be >= 1 (training uses 0)
     with environment({"nnUNet_n_proc_DA": str(cfg.num_processes)}), open(os.devnull, "w") as null, \
-            contextlib.redirect_stdout(null), mock.patch.object(fingerprint_extractor, "multiprocessing", threads):
+            contextlib.redirect_stdout(null), _fingerprint_pool_on_threads():
         extract_fingerprint_dataset(
             cfg.dataset_id, DatasetFingerprintExtractor, num_processes=cfg.num_processes,
             check_dataset_integrity=False, clean=True, verbose=False, show_progress_bar=False,
