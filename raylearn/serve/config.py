@@ -20,10 +20,8 @@ from raylearn.models.sam_med3d import SamMed3DConfig
 INGRESS_NAME = "SamMed3DIngress"
 MODEL_NAME = "SamMed3DModel"
 DEFAULT_TOKEN_ENV = "RAYLEARN_SERVE_TOKEN"
-#: per-process guard state of an ingress replica (bearer token, upload limit), set by its ``reconfigure``.
-#: It lives here, in an importable module, because Serve ships the ingress class by value: a module global
-#: of ``app.py`` read inside its methods would be a private copy, not what the auth dependency sees.
-GUARD: dict = {"token": None, "max_bytes": 256 << 20}
+#: hard ceiling of clicks in one request body, whatever ``max_clicks_per_request`` says (schema-level)
+MAX_CLICKS_HARD = 1024
 
 
 class BatchingConfig(StrictModel):
@@ -46,7 +44,7 @@ class PreannotateConfig(StrictModel):
 
     n_clicks: int = Field(5, ge=1, le=50)
     n_negative: int = Field(0, ge=0, le=50)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class IngressConfig(StrictModel):
@@ -56,9 +54,18 @@ class IngressConfig(StrictModel):
         classes: label value -> name of the classes a click may target (and the segmenter predicts).
         segmenter_checkpoint: a ``MonaiSegmenter.save`` checkpoint for ``/v1/preannotate`` (None disables it).
         segmenter_preprocess: preprocessing the segmenter was trained with (applied before predicting).
-        auth_token: bearer token required on ``/v1/*``; falls back to the env var ``auth_token_env``;
-            no token at all = no auth.
-        max_upload_mb: larger request bodies get 413.
+        auth_token: bearer token required on every route but ``/healthz`` and the docs. Token sources, first
+            found wins: this key, the token given to :func:`raylearn.serve.app.build_app` (``raylearn serve`` reads
+            ``auth_token_env`` in its own environment), the env var ``auth_token_env`` of the replica (the
+            application's ``runtime_env.env_vars``). No token at all = no auth, with a warning at start and in
+            ``/v1/info``.
+        require_auth: refuse to start (a deployment error) when no token reached the replica.
+        max_upload_mb: larger multipart bodies get 413 (from Content-Length, before the body is read).
+        max_voxels: voxels an uploaded volume may declare (413 above; checked before decompression).
+        max_resampled_voxels: voxels after resampling to the model's spacing (413 above).
+        read_timeout_s: a volume read (header checks + decoding) taking longer answers 503.
+        read_workers: threads that decode volumes (reads beyond them queue, within ``read_timeout_s``).
+        max_clicks_per_request, max_clicks_per_session: 422 above (the decoder's cost grows with clicks).
         session_ttl_s: idle sessions expire after this many seconds.
         max_sessions: the least recently used session is dropped beyond this.
         embedding_cache_size: image embeddings kept (LRU) for one-shot requests on the same volume.
@@ -68,9 +75,16 @@ class IngressConfig(StrictModel):
     segmenter_checkpoint: str | None = None
     segmenter_preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     preannotate: PreannotateConfig = Field(default_factory=PreannotateConfig)
-    auth_token: str | None = None
-    auth_token_env: str = DEFAULT_TOKEN_ENV
+    auth_token: str | None = Field(None, min_length=8)
+    auth_token_env: str = Field(DEFAULT_TOKEN_ENV, min_length=1)
+    require_auth: bool = False
     max_upload_mb: float = Field(256.0, gt=0)
+    max_voxels: int = Field(1 << 27, ge=8)
+    max_resampled_voxels: int = Field(1 << 25, ge=8)
+    read_timeout_s: float = Field(30.0, gt=0)
+    read_workers: int = Field(2, ge=1, le=32)
+    max_clicks_per_request: int = Field(64, ge=1, le=MAX_CLICKS_HARD)
+    max_clicks_per_session: int = Field(256, ge=1)
     session_ttl_s: float = Field(1800.0, gt=0)
     max_sessions: int = Field(32, ge=1)
     embedding_cache_size: int = Field(8, ge=1)

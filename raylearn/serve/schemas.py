@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter
 
 from raylearn.models.sam_med3d import Click
+from raylearn.serve.config import MAX_CLICKS_HARD
+
+#: a coordinate: a JSON number (no strings, no booleans), finite
+Coord = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Point = tuple[Coord, Coord, Coord]
 
 
 class ClickIn(BaseModel):
@@ -15,13 +20,22 @@ class ClickIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"label": 1, "voxel": [18, 24, 17]}]})
 
-    label: int = Field(..., description="class the click belongs to (a key of /v1/info classes)")
-    positive: bool = Field(True, description="true: inside the object; false: background")
-    voxel: tuple[float, float, float] | None = None
-    world: tuple[float, float, float] | None = None
+    label: StrictInt = Field(..., ge=1, le=255, description="class the click belongs to (a key of /v1/info classes)")
+    positive: StrictBool = Field(True, description="true: inside the object; false: background")
+    voxel: Point | None = None
+    world: Point | None = None
 
     def to_click(self) -> Click:
         return Click(label=self.label, positive=self.positive, voxel=self.voxel, world=self.world)
+
+    @classmethod
+    def from_click(cls, c: Click) -> ClickIn:
+        """A click for a response (numpy scalars made plain Python numbers)."""
+        point = lambda p: None if p is None else tuple(float(v) for v in p)  # noqa: E731
+        return cls(label=int(c.label), positive=bool(c.positive), voxel=point(c.voxel), world=point(c.world))
+
+
+ClickList = Annotated[list[ClickIn], Field(max_length=MAX_CLICKS_HARD)]
 
 
 class ClicksRequest(BaseModel):
@@ -29,11 +43,12 @@ class ClicksRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    clicks: list[ClickIn] = Field(..., description="new clicks; they are added to the session's earlier clicks")
-    reset: bool = Field(False, description="forget earlier clicks and masks of the classes clicked now")
+    clicks: ClickList = Field(..., description="new clicks; they are added to the session's earlier clicks")
+    reset: StrictBool = Field(False, description="forget earlier clicks and masks of the classes clicked now")
 
 
-CLICK_LIST = TypeAdapter(list[ClickIn])
+CLICK_LIST = TypeAdapter(ClickList)
+ROI_CENTER = TypeAdapter(Point)
 
 
 class SessionInfo(BaseModel):
@@ -69,8 +84,9 @@ class MaskResponse(BaseModel):
     classes: dict[int, ClassStats]
     session_id: str | None = None
     clicks: list[ClickIn] | None = Field(None, description="the clicks used (pre-annotation: the simulated ones)")
-    nsd: dict[int, dict[str, float]] | None = Field(
-        None, description="pre-annotation with ground truth: NSD % of SAM-Med3D and of the segmenter per class")
+    symdiff_pct: dict[int, dict[str, float]] | None = Field(
+        None, description="pre-annotation with ground truth, per class: the P2P paper's 'NSD' (FP + FN) / |pred U gt| "
+        "in % of SAM-Med3D's mask and of the segmenter's, and the gain (not normalised surface Dice)")
     timing_ms: dict[str, float] = Field(default_factory=dict)
 
 
@@ -94,7 +110,9 @@ class InfoResponse(BaseModel):
     classes: dict[int, str]
     segmenter_checkpoint: str | None
     segmenter_checkpoint_sha256: str | None
-    auth: bool
+    auth: bool = Field(..., description="bearer auth on: false means anyone who reaches the port may use the API")
+    warnings: list[str] = Field(default_factory=list, description="configuration problems, e.g. auth off")
+    limits: dict[str, float] = Field(default_factory=dict, description="upload, voxel and click caps")
     max_upload_mb: float
     session_ttl_s: float
     sessions: int
@@ -103,4 +121,6 @@ class InfoResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    detail: str
+    """The body of every error (4xx and 5xx, 422 validation errors included)."""
+
+    detail: str = Field(..., description="what was wrong, naming the field; never a server path")

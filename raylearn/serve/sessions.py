@@ -28,7 +28,13 @@ class Session:
     decoder_calls: int = 0
     session_id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # serialises clicks and DELETE
+    closed: bool = False  # set under ``lock`` by DELETE: a click queued behind it answers 404, not 200
+
+
+def short_id(session_id: str, keep: int = 24) -> str:
+    """A session id fit for an error message: at most ``keep`` characters, quoted."""
+    return repr(session_id if len(session_id) <= keep else session_id[:keep] + "...")
 
 
 class SessionNotFound(KeyError):
@@ -71,6 +77,7 @@ class SessionStore:
             return s
 
     def delete(self, session_id: str) -> None:
+        """Forget a session. Raises :class:`SessionNotFound`."""
         with self._lock:
             self._purge(time.monotonic())
             if self._data.pop(session_id, None) is None:

@@ -1,103 +1,200 @@
-"""Volume I/O for the HTTP API: uploaded NIfTI/MHA bytes -> ``sitk.Image``; label maps -> NIfTI bytes / JSON."""
+"""The one safe volume reader of the HTTP API, and label-map encodings (NIfTI bytes, compressed JSON).
+
+:func:`read_volume` is the only path from uploaded bytes to a ``sitk.Image``. In order:
+
+1. sniff the format from the magic bytes (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mha``, NRRD);
+2. parse the header ourselves (:mod:`raylearn.serve.headers`): detached data refused, fields finite;
+3. check the caps from the header (voxels, and voxels after resampling to the model's spacing) before
+   anything is decompressed: a ``.nii.gz`` is inflated only up to the size its header declares;
+4. SimpleITK with the format's ImageIO pinned: ``ReadImageInformation`` (header only), the same checks on ITK's
+   own reading of the geometry and pixel type, then the pixels; non-finite voxel values are refused.
+
+Messages name the form field and the header field, never a server path. The timeout is the caller's
+(:class:`raylearn.serve.ingress.SamMed3DIngress` runs reads in a bounded thread pool under ``read_timeout_s``).
+"""
 
 from __future__ import annotations
 
 import base64
-import gzip
-import struct
+import math
+import re
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from raylearn.serve.headers import (
+    VolumeError,
+    is_metaimage,
+    is_nifti,
+    is_nrrd,
+    metaimage_header,
+    nifti_header,
+    nrrd_header,
+)
 
-class VolumeError(ValueError):
-    """An uploaded volume cannot be used. ``status`` is the HTTP status to answer with."""
+__all__ = ["VolumeError", "VolumeLimits", "read_volume", "label_image", "nifti_bytes", "encode_mask", "decode_mask"]
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+_IO = {"nifti": ("NiftiImageIO", ".nii", "NIfTI"), "metaimage": ("MetaImageIO", ".mha", "MetaImage"),
+       "nrrd": ("NrrdImageIO", ".nrrd", "NRRD")}
 
 
-def _nifti_check(raw: bytes, name: str) -> None:
-    """Raise when a NIfTI-1/2 file holds fewer voxel bytes than its header promises (a truncated upload)."""
-    for order in ("<", ">"):
-        (hdr,) = struct.unpack(order + "i", raw[:4])
-        if hdr == 348:  # NIfTI-1: dim int16[8] @40, bitpix int16 @72, vox_offset float32 @108
-            dims = struct.unpack(order + "8h", raw[40:56])
-            bitpix = struct.unpack(order + "h", raw[72:74])[0]
-            offset = int(struct.unpack(order + "f", raw[108:112])[0])
+@dataclass(frozen=True)
+class VolumeLimits:
+    """Caps on an uploaded volume, checked from its header before decompression or allocation.
+
+    Attributes:
+        max_voxels: voxels of the image as stored (512^3 by default).
+        max_resampled_voxels: voxels after resampling to ``target_spacing_mm`` (322^3 by default).
+        target_spacing_mm: the isotropic spacing the model resamples to (mm).
+    """
+
+    max_voxels: int = 1 << 27
+    max_resampled_voxels: int = 1 << 25
+    target_spacing_mm: float = 1.5
+
+
+def check_grid(field: str, size, spacing, limits: VolumeLimits, source: str = "header") -> None:
+    """Raise 413 when ``size`` (ITK order) or its resampled size exceeds ``limits``."""
+    n = math.prod(int(s) for s in size)
+    shape = "x".join(str(int(s)) for s in size)
+    if n > limits.max_voxels:
+        raise VolumeError(f"{field}: the {source} declares {shape} = {n:,} voxels, above max_voxels = "
+                          f"{limits.max_voxels:,}", status=413)
+    m = math.prod(max(1, round(int(s) * float(sp) / limits.target_spacing_mm)) for s, sp in zip(size, spacing,
+                                                                                                  strict=True))
+    if m > limits.max_resampled_voxels:
+        mm = ", ".join(f"{float(sp):g}" for sp in spacing)
+        raise VolumeError(f"{field}: resampled to {limits.target_spacing_mm:g} mm, the volume of {shape} voxels "
+                          f"at ({mm}) mm spacing would have {m:,} voxels, above max_resampled_voxels = "
+                          f"{limits.max_resampled_voxels:,}", status=413)
+
+
+def _gunzip_prefix(data: bytes, n: int) -> bytes:
+    """The first ``n`` bytes of the inflated gzip stream (every member), fewer when the stream is shorter."""
+    out = bytearray()
+    while data[:2] == b"\x1f\x8b" and len(out) < n:
+        d = zlib.decompressobj(wbits=31)
+        out += d.decompress(data, n - len(out))
+        while len(out) < n and d.unconsumed_tail:
+            out += d.decompress(d.unconsumed_tail, n - len(out))
+        if not d.eof:
             break
-        if hdr == 540:  # NIfTI-2: bitpix int16 @14, dim int64[8] @16, vox_offset int64 @168
-            bitpix = struct.unpack(order + "h", raw[14:16])[0]
-            dims = struct.unpack(order + "8q", raw[16:80])
-            offset = struct.unpack(order + "q", raw[168:176])[0]
-            break
-    else:
-        raise VolumeError(f"{name}: corrupt NIfTI header (sizeof_hdr is neither 348 nor 540)")
-    n = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
-    need = max(int(offset), 352 if hdr == 348 else 544) + n * max(int(bitpix), 8) // 8
-    if len(raw) < need:
-        raise VolumeError(f"{name}: corrupt NIfTI file: truncated ({len(raw)} bytes, the header needs {need})")
+        data = d.unused_data
+    return bytes(out)
 
 
-def _normalise(data: bytes, filename: str | None) -> tuple[bytes, str]:
-    """Validated file bytes and the suffix SimpleITK needs, from the magic bytes (gzip is inflated here)."""
-    name = filename or "upload"
-    if data[:2] == b"\x1f\x8b":
+def _sniff(data: bytes, field: str, limits: VolumeLimits) -> tuple[bytes, str]:
+    """The bytes SimpleITK will read (``.nii.gz`` inflated) and the format; header checked, caps enforced.
+
+    A ``.nii.gz`` is inflated twice: its first 544 bytes (the header, checked), then only the bytes that header
+    declares, so a decompression bomb costs at most the caps.
+    """
+    raw_gz, gz = data, data[:2] == b"\x1f\x8b"
+    if gz:
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise VolumeError(f"{name}: corrupt gzip file (truncated or damaged: {err})") from None
-        if not _is_nifti(data):
-            raise VolumeError(f"{name}: the gzip file does not hold a NIfTI image")
-    if _is_nifti(data):
-        _nifti_check(data, name)
-        return data, ".nii"
-    if data.lstrip()[:10].lower().startswith((b"objecttype", b"ndims")):
-        return data, ".mha"
-    if data[:4] == b"NRRD":
-        return data, ".nrrd"
-    raise VolumeError(f"{name}: not a NIfTI (.nii/.nii.gz) or MetaImage (.mha) file")
+            data = _gunzip_prefix(data, 544)
+        except zlib.error:
+            raise VolumeError(f"{field}: corrupt gzip file (damaged or not gzip)") from None
+        if not is_nifti(data.ljust(348, b"\x00")):
+            raise VolumeError(f"{field}: the gzip file does not hold a NIfTI image (only NIfTI may be gzipped)")
+    if is_nifti(data):
+        header = nifti_header(data, field)
+        check_grid(field, header.size, header.spacing, limits)
+        if gz:
+            try:
+                data = _gunzip_prefix(raw_gz, header.data_bytes)
+            except zlib.error:
+                raise VolumeError(f"{field}: corrupt gzip file (damaged)") from None
+        if len(data) < header.data_bytes:
+            raise VolumeError(f"{field}: corrupt NIfTI file: truncated ({len(data)} bytes, the header needs "
+                              f"{header.data_bytes})")
+        return data[: header.data_bytes], "nifti"
+    for kind, test, parse in (("metaimage", is_metaimage, metaimage_header), ("nrrd", is_nrrd, nrrd_header)):
+        if test(data):
+            header = parse(data, field)
+            check_grid(field, header.size, header.spacing, limits)
+            return data, kind
+    raise VolumeError(f"{field}: not a NIfTI (.nii/.nii.gz), MetaImage (.mha) or NRRD (.nrrd) file")
 
 
-def _is_nifti(raw: bytes) -> bool:
-    return raw[344:348] in (b"n+1\x00", b"ni1\x00") or raw[4:8] == b"n+2\x00"
+def _itk_reason(err: RuntimeError) -> str:
+    """A short reason from an ITK exception, with every path (temporary files, ITK sources) removed."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    why = next((ln for ln in reversed(lines) if "rror" in ln or "annot" in ln or "ail" in ln), "unreadable")
+    why = re.sub(r"(?:[A-Za-z]:)?[\\/]?(?:[\w.+~-]+[\\/])+[\w.+~-]*(?::\d+)?:?", "", why)
+    why = re.sub(r"ITK ERROR:|\b\w+\(0x[0-9a-fA-F]+\):?|^(?:itk::)?(?:ERROR|Description)\W*", "", why)
+    why = re.sub(r"\s+", " ", why).strip(" :")
+    return why[:160] or "unreadable"
 
 
-def read_volume(data: bytes, filename: str | None = None) -> sitk.Image:
-    """Decode an uploaded 3D scalar image (NIfTI ``.nii``/``.nii.gz`` or MetaImage ``.mha``).
+def _check_image_info(field: str, reader: sitk.ImageFileReader, limits: VolumeLimits) -> None:
+    """ITK's own view of the header: pixel type, dimension, geometry (finite, invertible) and the caps."""
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel.lower():
+        raise VolumeError(f"{field}: {pixel} voxels are not supported (real scalar images only)", status=422)
+    if reader.GetNumberOfComponents() != 1:
+        raise VolumeError(f"{field}: expected a scalar image, got {reader.GetNumberOfComponents()} components "
+                          "per voxel", status=422)
+    size = tuple(reader.GetSize())
+    if len(size) < 3 or any(s != 1 for s in size[3:]):
+        raise VolumeError(f"{field}: expected a 3D image, got a {len(size)}D image of size {size}", status=422)
+    dim = len(size)
+    spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    for name, values in (("spacing", spacing), ("origin", origin), ("direction", direction)):
+        if not all(math.isfinite(v) for v in values):
+            raise VolumeError(f"{field}: the image {name} is not finite ({', '.join(f'{v:g}' for v in values)})")
+    if any(s <= 0 for s in spacing):
+        raise VolumeError(f"{field}: the image spacing must be positive ({', '.join(f'{v:g}' for v in spacing)})")
+    if abs(np.linalg.det(np.asarray(direction, float).reshape(dim, dim))) < 1e-6:
+        raise VolumeError(f"{field}: the image direction matrix is singular")
+    check_grid(field, size[:3], spacing[:3], limits, source="image")
+
+
+def read_volume(data: bytes, field: str = "file", limits: VolumeLimits | None = None) -> sitk.Image:
+    """Decode one uploaded 3D scalar image safely (see the module docstring for the order of checks).
+
+    Args:
+        data: the uploaded bytes (NIfTI ``.nii``/``.nii.gz``, MetaImage ``.mha`` with inline data, NRRD).
+        field: the form field, for messages.
+        limits: voxel caps (defaults: :class:`VolumeLimits`).
+
+    Returns:
+        A 3D ``sitk.Image`` with finite geometry and finite voxel values.
 
     Raises:
-        VolumeError: empty/corrupt/unsupported file (400) or not a 3D scalar image (422).
+        VolumeError: 400 empty/corrupt/ill-formed, 413 over a voxel cap, 422 valid but unsupported
+            (detached data, complex or vector voxels, not 3D, a single slice, non-finite voxel values).
     """
+    limits = limits or VolumeLimits()
     if not data:
-        raise VolumeError(f"{filename or 'upload'}: the uploaded file is empty")
-    data, suffix = _normalise(data, filename)
+        raise VolumeError(f"{field}: the uploaded file is empty")
+    raw, kind = _sniff(data, field, limits)
+    io, suffix, name = _IO[kind]
     with tempfile.TemporaryDirectory(prefix="raylearn-upload-") as tmp:
         path = Path(tmp) / f"volume{suffix}"
-        path.write_bytes(data)
+        path.write_bytes(raw)
+        del raw
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(io)
+        reader.SetFileName(str(path))
         try:
-            img = sitk.ReadImage(str(path))
+            reader.ReadImageInformation()
+            _check_image_info(field, reader, limits)
+            img = reader.Execute()
         except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            why = next((ln for ln in first if "rror" in ln or "annot" in ln), first[-1] if first else "unreadable")
-            raise VolumeError(f"{filename or 'upload'}: corrupt or unreadable {suffix} image ({why.strip()[:200]})") \
-                from None
-    size = img.GetSize()
-    if img.GetDimension() == 4 and size[3] == 1:
-        img = img[:, :, :, 0]
-        size = img.GetSize()
-    if img.GetDimension() != 3:
-        raise VolumeError(f"{filename or 'upload'}: expected a 3D image, got a {img.GetDimension()}D image of size "
-                          f"{tuple(size)}", status=422)
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(f"{filename or 'upload'}: expected a scalar image, got "
-                          f"{img.GetNumberOfComponentsPerPixel()} components per voxel", status=422)
-    if min(size) < 2:
-        raise VolumeError(f"{filename or 'upload'}: expected a 3D volume, got size {tuple(size)} (a single slice)",
+            raise VolumeError(f"{field}: corrupt or unreadable {name} image ({_itk_reason(err)})") from None
+    if img.GetDimension() > 3:
+        img = sitk.Extract(img, [*img.GetSize()[:3], *([0] * (img.GetDimension() - 3))], [0] * img.GetDimension())
+    if min(img.GetSize()) < 2:
+        raise VolumeError(f"{field}: expected a 3D volume, got size {tuple(img.GetSize())} (a single slice)",
+                          status=422)
+    arr = sitk.GetArrayViewFromImage(img)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise VolumeError(f"{field}: {int((~np.isfinite(arr)).sum()):,} voxel values are NaN or infinite",
                           status=422)
     return img
 

@@ -122,6 +122,8 @@ def test_health_docs_and_info(server):
     assert info["model"]["checkpoint_sha256"] == sm.file_sha256(server.sam_path)
     assert info["segmenter_checkpoint_sha256"] == sm.file_sha256(server.seg_path)
     assert info["classes"] == {"1": "big", "2": "small"} and info["auth"] is False
+    assert "auth is OFF" in info["warnings"][0]  # no token anywhere: said loudly
+    assert info["limits"]["max_clicks_per_request"] == 64
 
 
 def test_session_refined_over_three_clicks(server):
@@ -178,7 +180,7 @@ def test_segment_one_shot_formats_world_clicks_and_cache(server):
     assert (_mask(r) == js).mean() > 0.999
 
 
-def test_preannotate_with_nsd(server):
+def test_preannotate_with_symdiff_pct(server):
     c = server.client
     r = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii), "label": ("gt.nii.gz", server.gt)},
                data={"n_clicks": "3", "n_negative": "1", "seed": "0"})
@@ -188,15 +190,15 @@ def test_preannotate_with_nsd(server):
     pos = [k for k in body["clicks"] if k["positive"]]
     assert {k["label"] for k in pos} == {1, 2} and len(pos) == 6 and len(body["clicks"]) == 8
     lab = sitk.GetArrayFromImage(server.lbl)
-    assert set(body["nsd"]) == {"1", "2"}
-    for k, v in body["nsd"].items():
-        assert set(v) == {"nsd_sam", "nsd_segmenter", "gain"} and 0 <= v["nsd_sam"] <= 100
-        assert v["gain"] == pytest.approx(v["nsd_segmenter"] - v["nsd_sam"])
-        sam_nsd = 100 * ((mask == int(k)) ^ (lab == int(k))).sum() / ((mask == int(k)) | (lab == int(k))).sum()
-        assert v["nsd_sam"] == pytest.approx(sam_nsd)
+    assert set(body["symdiff_pct"]) == {"1", "2"}
+    for k, v in body["symdiff_pct"].items():
+        assert set(v) == {"symdiff_pct_sam", "symdiff_pct_segmenter", "gain"} and 0 <= v["symdiff_pct_sam"] <= 100
+        assert v["gain"] == pytest.approx(v["symdiff_pct_segmenter"] - v["symdiff_pct_sam"])
+        sam = 100 * ((mask == int(k)) ^ (lab == int(k))).sum() / ((mask == int(k)) | (lab == int(k))).sum()
+        assert v["symdiff_pct_sam"] == pytest.approx(sam)
     again = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii)},
                    data={"n_clicks": "3", "n_negative": "1", "seed": "0"}).json()
-    assert again["clicks"] == body["clicks"] and again["nsd"] is None  # seeded
+    assert again["clicks"] == body["clicks"] and again["symdiff_pct"] is None  # seeded
 
 
 @pytest.mark.parametrize(
@@ -232,7 +234,7 @@ def test_bad_session_requests(server):
                       ({"clicks": [{"label": 1, "voxel": [1, 1, 99]}]}, "outside the volume"),
                       ({"clicks": [{"label": 1}]}, "exactly one")]:
         r = c.post(f"/v1/sessions/{sid}/clicks", json=body)
-        assert r.status_code == 422 and msg in json.dumps(r.json()["detail"]), r.text
+        assert r.status_code == 422 and msg in r.json()["detail"], r.text
     assert c.get(f"/v1/sessions/{sid}").json()["clicks"] == 0  # bad requests left the session untouched
     assert c.post("/v1/sessions", files={"file": ("x.nii.gz", b"junk")}).status_code == 400
 
@@ -240,16 +242,17 @@ def test_bad_session_requests(server):
 def test_auth_and_session_expiry_after_reconfigure(server):
     """Redeploy with bearer auth on and a short TTL (auth off = every test above). Keep this test last."""
     c, cfg = server.client, server.cfg
-    on = cfg.model_copy(update={"ingress": cfg.ingress.model_copy(update={"auth_token": "s3cret",
+    on = cfg.model_copy(update={"ingress": cfg.ingress.model_copy(update={"auth_token": "s3cret-token",
                                                                           "session_ttl_s": 4.0})})
     server.serve.run(build_app(on), name=cfg.name, route_prefix="/")
     assert c.get("/healthz").status_code == 200  # liveness stays open
     r = c.get("/v1/info")
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert c.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": "Bearer s3cret-token"}
     assert c.get("/v1/info", headers=auth).json()["auth"] is True
     assert c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}).status_code == 401
+    assert c.get("/openapi.json").status_code == 200 and c.get("/v1/nope").status_code == 401  # closed by default
     sid = c.post("/v1/sessions", files={"file": ("img.nii.gz", server.nii)}, headers=auth).json()["session_id"]
     assert c.get(f"/v1/sessions/{sid}", headers=auth).status_code == 200
     time.sleep(4.5)
