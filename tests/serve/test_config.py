@@ -28,12 +28,18 @@ def test_shipped_serve_yaml_is_valid_for_ray_and_raylearn():
     assert "num_gpus" in cfg.model_options.ray_actor_options
 
 
-def test_module_level_app_is_a_bound_application():
+def test_module_level_app_is_a_bound_application(monkeypatch):
+    """``serve run`` imports it: built from defaults, nothing read from the environment at import time."""
+    import importlib
+
     from ray.serve.deployment import Application
 
-    from raylearn.serve.app import app, build_app, run_server  # noqa: F401
+    import raylearn.serve.app as module
 
+    monkeypatch.setenv("RAYLEARN_SERVE_TOKEN", "must-not-be-baked-in")
+    app = importlib.reload(module).app
     assert isinstance(app, Application)
+    assert app._bound_deployment.init_args[1] is None  # the token argument: only run_server / build_app pass one
 
 
 def test_bad_serve_yaml_names_the_key(tmp_path):

@@ -47,10 +47,17 @@ def _config(**ingress) -> ServeConfig:
 def server(ray_session, tmp_path_factory, craft):
     from ray import serve
 
+    from raylearn.models.config import ModelConfig
+    from raylearn.models.unet import MonaiSegmenter
+
     tmp = tmp_path_factory.mktemp("hostile")
+    cfg = ModelConfig(channels=(4, 8), strides=(2,), num_res_units=0, dropout=0.0, patch_size=(16, 16, 16))
+    ckpt = MonaiSegmenter(cfg, in_channels=1, num_classes=2, seed=0, device="cpu").save(tmp / "seg.pt")
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(_config(), token=TOKEN), name="raylearn-hostile", route_prefix="/")
+    # the token as a build argument: what `raylearn serve` does with RAYLEARN_SERVE_TOKEN of its environment
+    serve.run(build_app(_config(segmenter_checkpoint=str(ckpt)), token=TOKEN), name="raylearn-hostile",
+              route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     good = gzip.compress(craft.phantom_nifti())
@@ -116,19 +123,7 @@ def test_fifo_data_file_does_not_block_the_readers(server, craft):
     _alive(server)
 
 
-def test_preannotate_without_segmenter_is_503(server):
-    _error(_upload(server, "/v1/preannotate", server.good), 503, "segmenter_checkpoint")
-    _alive(server)
-
-
-def test_preannotate_label_cannot_read_server_files(server, craft, tmp_path):
-    from raylearn.models.config import ModelConfig
-    from raylearn.models.unet import MonaiSegmenter
-
-    cfg = ModelConfig(channels=(4, 8), strides=(2,), num_res_units=0, dropout=0.0, patch_size=(16, 16, 16))
-    ckpt = MonaiSegmenter(cfg, in_channels=1, num_classes=2, seed=0, device="cpu").save(tmp_path / "seg.pt")
-    server.serve.run(build_app(_config(segmenter_checkpoint=str(ckpt)), token=TOKEN), name="raylearn-hostile",
-                     route_prefix="/")
+def test_preannotate_label_cannot_read_server_files(server, craft):
     for data, needle in ((craft.metaimage("/etc/passwd"), "ElementDataFile"),
                          (craft.nrrd("data file: /etc/passwd\n"), "data file")):
         _error(_upload(server, "/v1/preannotate", data, field="label"), 422, "label:", needle)
@@ -330,15 +325,26 @@ def test_delete_waits_for_a_click_in_progress(server):
     _alive(server)
 
 
-def test_token_from_user_config_and_from_the_replica_environment(server):
-    """Token sources beyond the build argument (the fixture's): user_config, then runtime_env. Keep this last."""
-    run = server.serve.run
-    run(build_app(_config(auth_token="config-token-1")), name="raylearn-hostile", route_prefix="/")
-    anon = httpx.Client(base_url=server.base, timeout=30)
-    _error(anon.get("/v1/info"), 401)
-    assert anon.get("/v1/info", headers={"Authorization": "Bearer config-token-1"}).json()["auth"] is True
+def test_config_token_slow_reads_and_no_segmenter(server):
+    """Redeploy: the token from user_config (wins over none given at build), a tiny read_timeout_s, no segmenter."""
+    cfg = _config(auth_token="config-token-1", read_timeout_s=0.0005)
+    server.serve.run(build_app(cfg), name="raylearn-hostile", route_prefix="/")
+    _error(server.client.get("/v1/info"), 401, "bearer token")  # the build token of the fixture is gone
+    c = httpx.Client(base_url=server.base, headers={"Authorization": "Bearer config-token-1"}, timeout=30)
+    r = _upload(SimpleNamespace(client=c, good=server.good), "/v1/sessions", server.good)
+    _error(r, 503, "read_timeout_s")
+    assert r.headers["retry-after"] == "5"
+    _error(c.post("/v1/preannotate", files={"file": ("v.nii.gz", server.good)}), 503, "segmenter_checkpoint")
+    assert c.get("/healthz").status_code == 200 and c.get("/v1/info").json()["auth"] is True
+
+
+def test_token_from_the_replica_environment(server):
+    """The token as an env var of the replica (the application's runtime_env). Keep this last."""
     cfg = _config(auth_token_env="RAYLEARN_HOSTILE_TOKEN")
     cfg.ingress_options.ray_actor_options["runtime_env"] = {"env_vars": {"RAYLEARN_HOSTILE_TOKEN": "env-token-22"}}
-    run(build_app(cfg), name="raylearn-hostile", route_prefix="/")
-    _error(anon.get("/v1/info"), 401)
-    assert anon.get("/v1/info", headers={"Authorization": "Bearer env-token-22"}).json()["auth"] is True
+    server.serve.run(build_app(cfg), name="raylearn-hostile", route_prefix="/")
+    anon = httpx.Client(base_url=server.base, timeout=30)
+    _error(anon.get("/v1/info"), 401, "bearer token")
+    c = httpx.Client(base_url=server.base, headers={"Authorization": "Bearer env-token-22"}, timeout=30)
+    assert c.get("/v1/info").json()["auth"] is True
+    _alive(SimpleNamespace(client=c, good=server.good))
