@@ -3,6 +3,8 @@
 :class:`Guard` is the state (token, limits), held by the ingress instance and updated by its ``reconfigure``;
 :class:`GuardMiddleware` is a pure ASGI middleware that reads it for every request, answers 401 / 413 / 400
 from the headers alone, and counts the bytes of bodies that declare no ``Content-Length`` (chunked).
+Starlette's ``RequestBodyLimitMiddleware`` is not used: its limit is fixed at construction and its 413 is plain
+text, while this limit depends on the content type and follows ``reconfigure``, and every error is JSON.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Guard:
     warnings: list[str] = field(default_factory=list)
 
     def configure(self, config_token: str | None, build_token: str | None, env_name: str, require: bool,
-                  max_upload_mb: float) -> None:
+                  max_upload_mb: float, announce: bool = True) -> None:
         """Resolve the token (config, then the build argument, then the replica's env var) and the limits.
 
         Raises:
@@ -53,7 +55,7 @@ class Guard:
         self.token, self.source = token, source
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.warnings = [] if token else [NO_AUTH_WARNING.format(env=env_name)]
-        if token is None:
+        if token is None and announce:
             log.warning("raylearn serve: %s", self.warnings[0])
 
     def authorised(self, header: str | None) -> bool:

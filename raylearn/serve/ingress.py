@@ -63,20 +63,23 @@ class SamMed3DIngress:
         self.encoder_requests = 0
         self.decoder_requests = 0
         self._readers: ThreadPoolExecutor | None = None
-        self.reconfigure({})
+        self.reconfigure({}, announce=False)  # defaults; Serve then calls reconfigure with the user_config
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from raylearn.serve.api import build_api
 
         return build_api(self)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Apply a ``user_config`` (validated strictly); raises :class:`ConfigError` naming the key."""
+    def reconfigure(self, user_config: dict, announce: bool = True) -> None:
+        """Apply a ``user_config`` (validated strictly); raises :class:`ConfigError` naming the key.
+
+        ``announce``: log the warning when auth is off (not for the constructor's defaults).
+        """
         source = f"{INGRESS_NAME}.user_config"
         cfg = parse_config(user_config, IngressConfig, source=source)
         try:
             self.guard.configure(cfg.auth_token, self._build_token, cfg.auth_token_env, cfg.require_auth,
-                                 cfg.max_upload_mb)
+                                 cfg.max_upload_mb, announce=announce)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
         self.sessions.ttl_s, self.sessions.max_sessions = cfg.session_ttl_s, cfg.max_sessions
