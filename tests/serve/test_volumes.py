@@ -114,3 +114,22 @@ def test_guard_token_sources_and_require_auth(monkeypatch):
     assert g.token is None and g.authorised(None) and "auth is OFF" in g.warnings[0] and g.max_upload_bytes == 2 << 20
     with pytest.raises(ValueError, match="require_auth is true but no token reached the replica.*runtime_env"):
         g.configure(None, None, "RL_TEST_TOKEN", True, 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*__del__.* was never awaited:RuntimeWarning")  # Serve's async __del__
+def test_ingress_refuses_to_start_without_a_token_when_required(monkeypatch):
+    """The explicit error of ``require_auth`` (a failing reconfigure fails the replica), without Ray."""
+    import asyncio
+
+    from raylearn.config import ConfigError
+    from raylearn.serve.ingress import SamMed3DIngress
+
+    monkeypatch.delenv("RAYLEARN_SERVE_TOKEN", raising=False)
+    cls = SamMed3DIngress.func_or_class
+    ingress = cls.__new__(cls)
+    asyncio.run(ingress.__init__(None))  # Serve's ingress wrapper has an async constructor
+    with pytest.raises(ConfigError, match="require_auth is true but no token reached the replica"):
+        ingress.reconfigure({"require_auth": True})
+    ingress.reconfigure({"require_auth": True, "auth_token": "config-token"})
+    assert ingress.guard.token == "config-token" and ingress.guard.source == "user_config auth_token"
+    ingress._readers.shutdown()
