@@ -7,17 +7,28 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo test test-all lint install lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+# requirements.lock pins every package (pip-compile of pyproject.toml with the dev extra); torch and torchvision
+# come from wherever pip is configured to find them (here: the machine's own wheels).
+$(STAMP): pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-pin after changing pyproject.toml's dependencies: pip-tools in a throwaway venv (about 3 minutes).
+lock:
+	rm -rf /tmp/raylearn-lock && $(PY) -m venv /tmp/raylearn-lock && /tmp/raylearn-lock/bin/pip install -q pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" /tmp/raylearn-lock/bin/pip-compile --quiet --extra dev --strip-extras \
+		--no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements.lock pyproject.toml
+	rm -rf /tmp/raylearn-lock
 
 demo: $(STAMP)
 	$(BIN)/raylearn demo --out runs/demo
