@@ -74,7 +74,7 @@ def test_overrides():
 def test_sweep_search_space_validation(tmp_path):
     from raylearn.tune import SweepConfig, validate_search_space
 
-    base = yaml.safe_load((REPO / "deployments" / "experiments" / "demo.yaml").read_text())
+    base = yaml.safe_load((REPO / "deployments" / "experiments" / "hippocampus_p2p.yaml").read_text())
     ok = validate_search_space({"strategy.name": {"grid": ["random", "entropy"]},
                                 "train.lr": {"loguniform": [1e-4, 1e-2]},
                                 "schedule.batch_size": {"randint": [2, 5]}}, base, "s.yaml")
