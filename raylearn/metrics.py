@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "METRIC_LABELS",
     "SURFACE_DICE_TOLERANCE_MM",
     "correction_voxels",
     "dice",
@@ -62,6 +63,15 @@ __all__ = [
 
 #: default tolerance of the normalised surface Dice, in mm
 SURFACE_DICE_TOLERANCE_MM = 1.0
+
+#: how tables, logs and plots name the metric key prefixes of :func:`evaluate_case`
+METRIC_LABELS = {
+    "dice": "Dice",
+    "hd95": "HD95 (mm)",
+    "surface_dice": "surface Dice",
+    "symdiff_pct": "NSD (P2P) %",
+    "correction": "voxels to fix",
+}
 
 
 def _masks(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,11 +245,11 @@ def surface_dice_per_class(
         # MONAI warns about empty classes (handled below) and about its own deprecated internal argument
         warnings.filterwarnings("ignore", category=UserWarning, module=r"monai\.")
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
-        nsd = compute_surface_dice(
+        values = compute_surface_dice(
             one_hot(p, num_classes, dim=1), one_hot(g, num_classes, dim=1), [float(tolerance_mm)] * (num_classes - 1),
             include_background=False, distance_metric="euclidean", spacing=sp,
         )[0]  # fmt: skip
-    return np.nan_to_num(nsd.double().cpu().numpy(), nan=1.0)
+    return np.nan_to_num(values.double().cpu().numpy(), nan=1.0)
 
 
 def evaluate_case(

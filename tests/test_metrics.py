@@ -237,3 +237,12 @@ def test_dice_per_class_numpy_and_torch():
         dice_per_class(p, g[:5], 4)
     with pytest.raises(ValueError, match="outside"):
         dice_per_class(p, g, 2)
+
+
+def test_metric_labels_cover_every_key_prefix():
+    from raylearn.metrics import METRIC_LABELS
+
+    p, g = cube_pair()
+    prefixes = {k.rsplit("_", 1)[0] for k in evaluate_case(p, g, None, 2)}
+    assert prefixes == set(METRIC_LABELS)
+    assert METRIC_LABELS["symdiff_pct"].startswith("NSD (P2P)")
