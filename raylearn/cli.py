@@ -106,7 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from raylearn.loop import demo_cli
+    from raylearn.demo import demo_cli
 
     return demo_cli(out=args.out)
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="default: the config's http_options, else 8000")
     sv.set_defaults(func=_cmd_serve)
 
-    dm = sub.add_parser("demo", help="run the main job on the embedded default (phantom) data")
+    dm = sub.add_parser("demo", help="run the main job on the embedded default data (60 MSD hippocampus cases)")
     dm.add_argument("--out", type=Path, default=Path("runs/demo"))
     dm.set_defaults(func=_cmd_demo)
     return p

@@ -41,6 +41,8 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
     store = base.data.store or str(out / "store")
     curves: dict[str, list[list[tuple[float, float]]]] = {s: [] for s in strategies}
     references: list[float] = []
+    # the full-pool reference is trained once for the whole comparison (by the first run) and reused
+    reference_dir = out / "reference" if base.evaluate.full_data_reference else None
     for seed in seeds:
         first_dir: Path | None = None
         for name in strategies:
@@ -52,16 +54,13 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
                 "data": base.data.model_copy(update={"store": store}),
                 "strategy": base.strategy.model_copy(update={"name": name,
                                                              "params": (strategy_params or {}).get(name, {})}),
-                # the full-data reference is trained once per seed (first strategy) and shared
-                "evaluate": base.evaluate.model_copy(
-                    update={"full_data_reference": base.evaluate.full_data_reference and first_dir is None}),
             }
             cfg = base.model_copy(update=update)
             log.info("compare: %s seed %d -> %s", name, seed, run_dir)
-            res = run_experiment(cfg, resume=resume, cold_start_from=first_dir)
+            res = run_experiment(cfg, resume=resume, cold_start_from=first_dir, reference_dir=reference_dir)
             curves[name].append([(r["fraction_labelled"], r["metrics"].get("dice_mean", float("nan")))
                                  for r in res.rounds])
-            if res.summary.get("full_data_dice") is not None:
+            if res.summary.get("full_data_dice") is not None and not references:
                 references.append(res.summary["full_data_dice"])
             first_dir = first_dir or run_dir
     reference = float(sum(references) / len(references)) if references else None

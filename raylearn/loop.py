@@ -1,19 +1,19 @@
 """The active learning round orchestrator (``raylearn run``).
 
-Round 0 picks a cold-start set; each later round scores the unlabeled pool on sharded Ray actors,
-selects a batch with the query strategy, asks the oracle for labels, fine-tunes from the previous
-best checkpoint with Ray Train, evaluates on the test split and appends the round to the ledger.
-The loop never branches on which strategy runs: the strategy declares the features it needs and
-the pool computes exactly those.
+Round 0 picks a cold-start set; every round then labels its selection, fine-tunes on the persistent
+training service (warm: weights, optimiser and schedule carry over), and evaluates the round's model on the
+test split *on the warm pool shards*, queued together with the scoring the next round's strategy needs
+(same checkpoint, loaded once per shard). The loop never branches on which strategy runs: the strategy
+declares the features it needs and the pool computes exactly those.
+
+Durability: the ledger records each selection before labelling and each round once evaluated; a killed
+run resumes from it (``resume=True``) and the training service from its last Ray Train checkpoint, so a
+round interrupted mid-training continues where it stopped instead of retraining.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from raylearn.config import ConfigError
-from raylearn.curves import alc, plot_learning_curve
 from raylearn.experiment import ExperimentConfig, load_experiment
 from raylearn.ledger import Ledger, config_hash
 from raylearn.oracle import SimulatedOracle
+from raylearn.outputs import round_line, summary, write_outputs, write_summary
+from raylearn.runtime import ensure_ray, ensure_store, resolved_model, round_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_experiment", "run_experiment_cli", "demo_cli", "ensure_ray", "ensure_store", "RunResult"]
+__all__ = ["RunResult", "run_experiment", "run_experiment_cli"]
 
 
 @dataclass
@@ -38,52 +39,6 @@ class RunResult:
     output_dir: Path
     rounds: list[dict]
     summary: dict
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to a running cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or min(os.cpu_count() or 2, 8),
-        include_dashboard=False,
-        object_store_memory=1024**3,
-        log_to_driver=False,
-    )
-
-
-def round_seed(seed: int, round_index: int) -> int:
-    """Seed of a round's strategy and training, derived from the experiment seed (resume-stable)."""
-    return int(np.random.SeedSequence([int(seed), int(round_index)]).generate_state(1)[0])
-
-
-def ensure_store(cfg: ExperimentConfig, progress: bool = True):
-    """Ingest the configured dataset into the pool store (a no-op when already ingested) and open it."""
-    from raylearn.data.phantom import make_phantom_dataset
-    from raylearn.data.store import PoolStore, ingest
-
-    out = Path(cfg.output_dir)
-    store_dir = Path(cfg.data.store) if cfg.data.store else out / "store"
-    if cfg.data.dataset == "phantom":
-        ph = cfg.data.phantom
-        dataset = store_dir.with_name(store_dir.name + "_phantom_src")
-        if not (dataset / "dataset.json").is_file():
-            log.info("generating %d phantom cases of %s voxels in %s", ph.n_cases, ph.shape, dataset)
-            make_phantom_dataset(dataset, n_cases=ph.n_cases, shape=tuple(ph.shape), seed=ph.seed)
-    else:
-        dataset = Path(cfg.data.dataset)
-        if not dataset.exists():
-            raise ConfigError(f"data.dataset: {dataset} does not exist")
-    ingest(dataset, store_dir, cfg.data.preprocess, n_test=cfg.data.n_test, test_fraction=cfg.data.test_fraction,
-           seed=cfg.data.split_seed, progress=progress)
-    return PoolStore.open(store_dir)
 
 
 def _budget(cfg: ExperimentConfig, round_index: int, n_pool: int, n_labeled: int) -> int:
@@ -100,81 +55,42 @@ def _budget(cfg: ExperimentConfig, round_index: int, n_pool: int, n_labeled: int
     return max(0, min(want, cap))
 
 
-class _Evaluator:
-    """Scores a checkpoint on the test split with Ray tasks (one per chunk), returning mean metrics."""
+def _strategy(cfg: ExperimentConfig, r: int):
+    from raylearn.strategies import build_strategy
 
-    def __init__(self, store, test_ids: list[str], hd95: bool, n_chunks: int) -> None:
-        self.store = store
-        self.test_ids = test_ids
-        self.hd95 = hd95
-        self.n_chunks = max(1, min(n_chunks, len(test_ids)))
-
-    def __call__(self, checkpoint: str) -> dict[str, float]:
-        import ray
-
-        from raylearn.evaluate import evaluate_chunk
-
-        chunks = [c.tolist() for c in np.array_split(np.array(self.test_ids), self.n_chunks) if len(c)]
-        refs = [evaluate_chunk.remote(self.store, checkpoint, ids, self.hd95) for ids in chunks]
-        rows = [row for part in ray.get(refs) for row in part]
-        keys = sorted({k for r in rows for k in r if k != "case_id"})
-        out = {}
-        for k in keys:
-            vals = np.array([r.get(k, np.nan) for r in rows], dtype=float)
-            finite = vals[np.isfinite(vals)]
-            out[k] = float(finite.mean()) if finite.size else float("nan")
-        return out
+    name, params = (cfg.cold_start.strategy, cfg.cold_start.params) if r == 0 else \
+        (cfg.strategy.name, cfg.strategy.params)
+    return name, build_strategy(name, **{**params, "random_state": round_seed(cfg.seed, r)})
 
 
-def _write_outputs(out: Path, rounds: list[dict], class_names: dict[int, str], reference: float | None,
-                   title: str) -> None:
-    if not rounds:
-        return
-    metric_keys = sorted({k for r in rounds for k in r["metrics"]})
-    with open(out / "rounds.csv.tmp", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["round", "n_labeled", "fraction_labelled", *metric_keys, "train_s", "score_s", "select_s",
-                    "eval_s", "selected"])
-        for r in rounds:
-            t = r["timings"]
-            w.writerow([r["round"], r["n_labeled"], f"{r['fraction_labelled']:.4f}",
-                        *[r["metrics"].get(k, "") for k in metric_keys],
-                        *[f"{t.get(k, 0.0):.2f}" for k in ("train_s", "score_s", "select_s", "eval_s")],
-                        " ".join(r["selected"])])
-    os.replace(out / "rounds.csv.tmp", out / "rounds.csv")
-    plot_learning_curve(rounds, out / "learning_curve.png", class_names=class_names, reference=reference,
-                        title=title)
+def _features(pool, checkpoint: str, strategy, cfg: ExperimentConfig, pool_ids: list[str],
+              labeled: list[str]):
+    """The strategy's features for every pool case (labelled ones only when it reads them) as a PoolView."""
+    from raylearn.strategies import PoolView
+
+    needs = sorted(strategy.requires)
+    records: dict[str, dict[str, np.ndarray]] = {}
+    if needs:
+        res = pool.score(checkpoint, needs, cfg.features)
+        for k, cid in enumerate(res["ids"]):
+            records[str(cid)] = {name: col[k] for name, col in res["features"].items()}
+        if strategy.needs_labeled_features():
+            records.update(pool.score_cases(checkpoint, labeled, needs, cfg.features))
+    if not records:
+        return PoolView(ids=np.asarray(pool_ids, dtype=str), labeled_mask=np.isin(pool_ids, labeled), features={})
+    return PoolView.from_records(pool_ids, set(labeled), records)
 
 
-def _round_line(r: dict) -> str:
-    m, t = r["metrics"], r["timings"]
-    return (f"round {r['round']:>2} | labelled {r['n_labeled']:>4} ({100 * r['fraction_labelled']:5.1f}%) | "
-            f"Dice {m.get('dice_mean', float('nan')):.3f} | NSD {m.get('nsd_mean', float('nan')):6.2f}% | "
-            f"train {t['train_s']:6.1f}s score {t['score_s']:5.1f}s select {t['select_s']:4.2f}s "
-            f"eval {t['eval_s']:5.1f}s")
+def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
+    idx = {c: i for i, c in enumerate(view.ids.tolist())}
+    scores = {name: [float(np.asarray(a)[idx[c]]) for c in chosen]
+              for name, a in view.features.items() if np.asarray(a).ndim == 1}
+    return scores or None
 
 
-def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_change: bool = False,
-                   cold_start_from: str | Path | None = None, progress: bool = True,
-                   on_round: Callable[[dict, list[dict]], None] | None = None) -> RunResult:
-    """Run (or resume) one AL experiment; returns its rounds and summary.
+def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_change: bool) -> tuple[Ledger, str]:
+    from raylearn.data.shards import diff_settings
 
-    Args:
-        cfg: validated experiment config.
-        resume: continue from ``output_dir/ledger.jsonl``; without it an existing ledger is refused.
-        allow_config_change: resume even when the config hash differs from the ledger's header.
-        cold_start_from: another run's output dir whose round-0 selection is re-used (``compare``
-            shares the cold-start set across strategies of a seed, as the papers do).
-        progress: progress bars for ingest and scoring.
-        on_round: called after each recorded round with (record, all rounds so far); Ray Tune
-            reports from here. Rounds replayed from the ledger on resume are passed too, in order.
-    """
-    from raylearn.pool import ShardedPool
-    from raylearn.strategies import PoolView, build_strategy
-    from raylearn.train import fit_round
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg_json = cfg.model_dump(mode="json")
     chash = config_hash(cfg_json)
     ledger = Ledger(out / "ledger.jsonl")
@@ -183,50 +99,78 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         raise ConfigError(f"{out}: a run already exists here (ledger.jsonl); pass --resume to continue it "
                           "or choose another output_dir")
     if header is not None and header["config_hash"] != chash and not allow_config_change:
-        changed = sorted(_diff_keys(header["config"], cfg_json))
-        raise ConfigError(f"{out}: the config changed since this run began (keys: {', '.join(changed)}); "
+        changed = diff_settings(header["config"], cfg_json)
+        raise ConfigError(f"{out}: the config changed since this run began ({'; '.join(changed)}); "
                           "pass --allow-config-change to resume anyway")
+    return ledger, chash
 
+
+def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_change: bool = False,
+                   cold_start_from: str | Path | None = None, progress: bool = True,
+                   on_round: Callable[[dict, list[dict]], None] | None = None,
+                   reference_dir: str | Path | None = None, step_hook=None) -> RunResult:
+    """Run (or resume) one AL experiment; returns its rounds and summary.
+
+    Args:
+        cfg: validated experiment config.
+        resume: continue from ``output_dir/ledger.jsonl``; without it an existing ledger is refused.
+        allow_config_change: resume even when the config hash differs from the ledger's header.
+        cold_start_from: another run's output dir whose round-0 selection (and model, when everything that
+            shapes it is identical) is re-used: ``compare`` shares the cold start across strategies.
+        progress: progress bars for ingest and scoring.
+        on_round: called after each recorded round with (record, all rounds so far); Ray Tune reports from
+            here. Rounds replayed from the ledger on resume are passed too, in order.
+        reference_dir: where the full-pool reference is cached (``compare`` shares one); default
+            ``output_dir/reference`` when ``evaluate.full_data_reference`` is on.
+        step_hook: ``hook(rank, round, step, attempt)`` run in the training workers after every step.
+    """
+    from raylearn.pool import ShardedPool
+    from raylearn.reference import full_pool_reference, mean_metrics
+    from raylearn.train.backends import make_round_trainer
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ledger, chash = _open_ledger(cfg, out, resume, allow_config_change)
     ensure_ray()
     store = ensure_store(cfg, progress=progress)
-    pool_ids = sorted(store.case_ids("pool"))
-    test_ids = sorted(store.case_ids("test"))
+    pool_ids, test_ids = sorted(store.case_ids("pool")), sorted(store.case_ids("test"))
     if cfg.evaluate.max_test_cases:
         test_ids = test_ids[: cfg.evaluate.max_test_cases]
     if not pool_ids or not test_ids:
         raise ConfigError(f"{store.path}: needs pool and test cases (pool {len(pool_ids)}, test {len(test_ids)})")
-    class_names = {int(k): v for k, v in store.labels.items()}
+    model_cfg = resolved_model(cfg, store)
+    header = ledger.header()
     if header is None:
-        ledger.append("header", config_hash=chash, config=cfg_json, pool_ids=pool_ids, test_ids=test_ids,
+        ledger.append("header", config_hash=chash, config=cfg.model_dump(mode="json"), pool_ids=pool_ids,
+                      test_ids=test_ids, model_resolved=model_cfg.model_dump(mode="json"),
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     elif header["pool_ids"] != pool_ids:
         raise ConfigError(f"{out}: the pool store's case ids differ from the ledger's; refusing to resume")
 
+    if cold_start_from is not None and ledger.selection(0) is None:
+        from raylearn.cold_start import share_round0
+
+        share_round0(Path(cold_start_from), ledger, cfg.model_dump(mode="json"), model_cfg, out)
     rounds = ledger.rounds()
     labeled: list[str] = [cid for r in rounds for cid in r["selected"]]
     checkpoint: str | None = rounds[-1]["checkpoint"] if rounds else None
     if rounds:
         log.info("resuming %s after round %d (%d cases labelled)", out, rounds[-1]["round"], len(labeled))
-    if cold_start_from is not None and ledger.selection(0) is None:
-        other = Ledger(Path(cold_start_from) / "ledger.jsonl", readonly=True).selection(0)
-        if other is None:
-            raise ConfigError(f"{cold_start_from}: has no round-0 selection to share")
-        ledger.append("selected", round=0, ids=other["ids"], scores=None, shared_from=str(cold_start_from))
-        _share_round0(Path(cold_start_from), ledger, cfg_json, out)
-        rounds = ledger.rounds()
-        labeled = [cid for r in rounds for cid in r["selected"]]
-        checkpoint = rounds[-1]["checkpoint"] if rounds else None
     if on_round is not None:
         for i in range(len(rounds)):
             on_round(rounds[i], rounds[: i + 1])
 
+    class_names = {int(k): v for k, v in store.labels.items()}
     oracle = SimulatedOracle(store)
-    evaluator = _Evaluator(store, test_ids, cfg.evaluate.hd95, n_chunks=2)
-    pool: Any = None
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
     train_cfg = cfg.train.model_copy(update={"storage_path": str((out / "ray_train").resolve())})
     n_rounds = 1 + cfg.schedule.rounds
+    pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in set(labeled)])
+    trainer = make_round_trainer(store, model_cfg, train_cfg, out, cfg.schedule.rounds,
+                                 resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
+                                 step_hook=step_hook)
+    metric_kw = {"hd95": cfg.evaluate.hd95, "surface_tolerance_mm": cfg.evaluate.surface_dice_tolerance_mm}
+    started = False
+    prefetched: tuple[int, Any, float] | None = None  # (round, PoolView, seconds) scored beside evaluation
     try:
         for r in range(len(rounds), n_rounds):
             timings = {"score_s": 0.0, "select_s": 0.0}
@@ -238,24 +182,16 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 if budget <= 0:
                     log.info("budget spent after %d cases; stopping", len(labeled))
                     break
-                name, params = (cfg.cold_start.strategy, cfg.cold_start.params) if r == 0 else \
-                    (cfg.strategy.name, cfg.strategy.params)
-                strategy = build_strategy(name, **{**params, "random_state": round_seed(cfg.seed, r)})
-                needs = sorted(strategy.requires)
-                features: dict[str, np.ndarray] = {}
-                ids = np.array(pool_ids)
-                t0 = time.perf_counter()
-                if needs:
-                    if checkpoint is None:
-                        raise ConfigError(f"strategy {name!r} needs features {needs}, which need a trained model; "
-                                          "use a feature-free cold_start strategy (e.g. random)")
-                    if pool is None:
-                        pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in labeled])
-                    lab_needs = needs if strategy.needs_labeled_features() else []
-                    features = _score_all(pool, store, checkpoint, needs, lab_needs, cfg, labeled, pool_ids)
-                timings["score_s"] = time.perf_counter() - t0
-                labeled_set = set(labeled)
-                view = PoolView(ids=ids, labeled_mask=np.array([c in labeled_set for c in pool_ids]), features=features)
+                name, strategy = _strategy(cfg, r)
+                if strategy.requires and checkpoint is None:
+                    raise ConfigError(f"strategy {name!r} needs features {sorted(strategy.requires)}, which need a "
+                                      "trained model; use a feature-free cold_start strategy (e.g. random)")
+                if prefetched is not None and prefetched[0] == r:
+                    view, timings["score_s"] = prefetched[1], prefetched[2]
+                else:
+                    t0 = time.perf_counter()
+                    view = _features(pool, checkpoint, strategy, cfg, pool_ids, labeled)
+                    timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 chosen = [str(c) for c in strategy.select(view, budget)]
                 timings["select_s"] = time.perf_counter() - t0
@@ -263,158 +199,69 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 ledger.append("selected", round=r, ids=chosen, scores=scores, strategy=name)
             receipt = oracle.label(chosen)
             labeled.extend(chosen)
-            if pool is not None:
-                pool.mark_labeled(chosen)
+            pool.mark_labeled(chosen)
 
+            if not started:
+                trainer.start()
+                started = True
             t0 = time.perf_counter()
-            fit = fit_round(store, list(labeled), checkpoint, cfg.model,
-                            train_cfg.model_copy(update={"seed": round_seed(cfg.seed, r) % (2**31)}),
-                            round_index=r, name=f"round_{r:02d}")
+            checkpoint, info = trainer.fit(r, list(labeled), seed=round_seed(cfg.seed, r) % 2**31)
             timings["train_s"] = time.perf_counter() - t0
-            kept = ckpt_dir / f"round_{r:02d}.pt"
-            shutil.copyfile(fit.checkpoint_path, kept.with_suffix(".tmp"))
-            os.replace(kept.with_suffix(".tmp"), kept)
-            checkpoint = str(kept)
+            timings["train_step_s"] = float(info.get("train_s", 0.0))
 
             t0 = time.perf_counter()
-            metrics = evaluator(checkpoint)
-            timings["eval_s"] = time.perf_counter() - t0
+            pending = pool.submit_evaluate(checkpoint, test_ids, metric_kw)
+            prefetched = None
+            if r + 1 < n_rounds and ledger.selection(r + 1) is None and \
+                    _budget(cfg, r + 1, len(pool_ids), len(labeled)) > 0:
+                _, nxt = _strategy(cfg, r + 1)
+                if nxt.requires:  # score for the next round while the shards evaluate this one
+                    t1 = time.perf_counter()
+                    prefetched = (r + 1, _features(pool, checkpoint, nxt, cfg, pool_ids, labeled),
+                                  time.perf_counter() - t1)
+            metrics = mean_metrics(pool.collect_evaluate(pending, checkpoint, metric_kw))
+            timings["eval_s"] = time.perf_counter() - t0 - (prefetched[2] if prefetched else 0.0)
             rec = ledger.append(
                 "round", round=r, selected=chosen, scores=scores, n_labeled=len(labeled),
                 fraction_labelled=len(labeled) / len(pool_ids), metrics=metrics, timings=timings,
-                checkpoint=checkpoint, best_val_dice=fit.best_val_dice, annotated_fg_voxels=receipt.foreground_voxels,
+                checkpoint=checkpoint, train_info=info, annotated_fg_voxels=receipt.foreground_voxels,
                 config_hash=chash)
             rounds.append(rec)
-            print(_round_line(rec), flush=True)
+            print(round_line(rec), flush=True)
             if on_round is not None:
                 on_round(rec, rounds)
-            _write_outputs(out, rounds, class_names, None, cfg.name)
+            write_outputs(out, rounds, class_names, None, cfg.name)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        pool.shutdown()
+        if started:
+            trainer.stop()
 
-    reference = _reference(cfg, ledger, store, pool_ids, train_cfg, evaluator, ckpt_dir)
-    _write_outputs(out, rounds, class_names, reference, cfg.name)
-    summary = _summary(cfg, rounds, reference, chash)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
-    return RunResult(out, rounds, summary)
-
-
-_ROUND0_KEYS = ("seed", "data", "cold_start", "model", "train")
-
-
-def _share_round0(other_dir: Path, ledger: Ledger, cfg_json: dict, out: Path) -> None:
-    """Re-use another run's round-0 model when everything that shapes it is identical (strategy aside):
-    training is deterministic for a seed, so retraining would give the same checkpoint."""
-    other = Ledger(other_dir / "ledger.jsonl", readonly=True)
-    rec = next((r for r in other.rounds() if r["round"] == 0), None)
-    hdr = other.header()
-    if rec is None or hdr is None or any(hdr["config"].get(k) != cfg_json.get(k) for k in _ROUND0_KEYS):
-        return
-    ev, ev_other = cfg_json["evaluate"], hdr["config"]["evaluate"]
-    if (ev["hd95"], ev["max_test_cases"]) != (ev_other["hd95"], ev_other["max_test_cases"]):
-        return
-    dst = out / "checkpoints" / "round_00.pt"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(rec["checkpoint"], dst.with_suffix(".tmp"))
-    os.replace(dst.with_suffix(".tmp"), dst)
-    payload = {k: v for k, v in rec.items() if k != "kind"}
-    ledger.append("round", **{**payload, "checkpoint": str(dst), "shared_from": str(other_dir),
-                              "config_hash": config_hash(cfg_json)})
-    log.info("round 0 shared from %s (same cold-start set, model and training config)", other_dir)
+    reference = None
+    if cfg.evaluate.full_data_reference or reference_dir is not None:
+        rec = full_pool_reference(cfg, model_cfg, store, pool_ids, test_ids,
+                                  Path(reference_dir) if reference_dir else out / "reference",
+                                  evaluate=lambda ckpt: _evaluate_tasks(store, ckpt, test_ids, metric_kw))
+        reference = rec["metrics"].get("dice_mean")
+    write_outputs(out, rounds, class_names, reference, cfg.name)
+    data = summary(cfg.name, cfg.strategy.name, cfg.seed, rounds, reference, chash)
+    write_summary(out, data)
+    return RunResult(out, rounds, data)
 
 
-def _score_all(pool, store, checkpoint: str, needs: list[str], lab_needs: list[str], cfg: ExperimentConfig,
-               labeled: list[str], pool_ids: list[str]) -> dict[str, np.ndarray]:
-    """Features aligned with ``pool_ids``: unlabeled cases from the shards, labelled ones (for the
-    embedding-based strategies that measure distances to the labelled set) from Ray tasks."""
+def _evaluate_tasks(store, checkpoint: str, test_ids: list[str], metric_kw: dict) -> dict[str, float]:
+    """Evaluate a checkpoint with Ray tasks (the reference, trained after the pool's shards are gone)."""
+    import os
+
     import ray
 
-    from raylearn.evaluate import features_for
+    from raylearn.evaluate import evaluate_chunk
+    from raylearn.reference import mean_metrics
 
-    res = pool.score(checkpoint, needs, cfg.features)
-    by_id = {cid: i for i, cid in enumerate(res["ids"])}
-    lab_feats: dict[str, dict[str, np.ndarray]] = {}
-    if lab_needs and labeled:
-        parts = np.array_split(np.array(labeled), min(2, len(labeled)))
-        refs = [features_for.remote(store, checkpoint, p.tolist(), lab_needs, cfg.features) for p in parts if len(p)]
-        for part in ray.get(refs):
-            lab_feats.update(part)
-    out: dict[str, np.ndarray] = {}
-    for name in needs:
-        col = res["features"][name]
-        rows = []
-        for cid in pool_ids:
-            if cid in by_id:
-                rows.append(np.asarray(col[by_id[cid]]))
-            elif cid in lab_feats:
-                rows.append(np.asarray(lab_feats[cid][name]))
-            else:  # labelled case whose value this strategy does not use: fill so arrays stay aligned
-                rows.append(np.full_like(np.asarray(col[0], dtype=np.float32), np.nan))
-        out[name] = np.stack(rows).astype(np.float32)
-    return out
-
-
-def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
-    idx = {c: i for i, c in enumerate(view.ids.tolist())}
-    scores = {}
-    for name, arr in view.features.items():
-        a = np.asarray(arr)
-        if a.ndim == 1:
-            scores[name] = [float(a[idx[c]]) for c in chosen]
-    return scores or None
-
-
-def _reference(cfg, ledger, store, pool_ids, train_cfg, evaluator, ckpt_dir) -> float | None:
-    """The full-pool Dice when ``evaluate.full_data_reference``: one model trained from scratch on every
-    pool case with as many optimisation steps as the whole AL run gave its model (``epochs`` x
-    ``1 + rounds``, since each round fine-tunes for ``epochs``), so the reference is not under-trained
-    relative to the curve it is compared with. A recorded reference with another budget is recomputed."""
-    from raylearn.train import fit_round
-
-    if not cfg.evaluate.full_data_reference:
-        return None
-    epochs = cfg.train.epochs * (1 + cfg.schedule.rounds)
-    steps = epochs * cfg.train.iterations_per_epoch
-    recs = [r for r in ledger.of_kind("reference") if r.get("train_steps") == steps]
-    if recs:
-        return recs[-1]["metrics"].get("dice_mean")
-    log.info("training the full-pool reference on %d cases (%d epochs)", len(pool_ids), epochs)
-    fit = fit_round(store, pool_ids, None, cfg.model, train_cfg.model_copy(update={"seed": cfg.seed, "epochs": epochs}),
-                    round_index=-1, name="reference")
-    kept = ckpt_dir / "reference.pt"
-    shutil.copyfile(fit.checkpoint_path, kept)
-    metrics = evaluator(str(kept))
-    ledger.append("reference", metrics=metrics, checkpoint=str(kept), train_steps=steps)
-    return metrics.get("dice_mean")
-
-
-def _summary(cfg: ExperimentConfig, rounds: list[dict], reference: float | None, chash: str) -> dict:
-    fr = [r["fraction_labelled"] for r in rounds]
-    dice = [r["metrics"].get("dice_mean", float("nan")) for r in rounds]
-    timing_tot = {k: float(sum(r["timings"].get(k, 0.0) for r in rounds))
-                  for k in ("train_s", "score_s", "select_s", "eval_s")}
-    return {
-        "name": cfg.name, "strategy": cfg.strategy.name, "seed": cfg.seed, "config_hash": chash,
-        "rounds": len(rounds), "n_labeled": rounds[-1]["n_labeled"] if rounds else 0,
-        "final_metrics": rounds[-1]["metrics"] if rounds else {},
-        "curve": [{"fraction_labelled": f, "dice_mean": d} for f, d in zip(fr, dice, strict=True)],
-        "alc": alc(fr, dice) if rounds else None,
-        "full_data_dice": reference,
-        "timings_total_s": timing_tot,
-        "selected": [r["selected"] for r in rounds],
-    }
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: set[str] = set()
-        for k in set(a) | set(b):
-            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return set() if a == b else {prefix.rstrip(".")}
+    n = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(test_ids), os.cpu_count() or 1))
+    chunks = [c.tolist() for c in np.array_split(np.array(test_ids), n) if len(c)]
+    refs = [evaluate_chunk.remote(store, checkpoint, ids, **metric_kw) for ids in chunks]
+    rows = [row for part in ray.get(refs) for row in part]
+    return mean_metrics(rows)
 
 
 def run_experiment_cli(config: str | Path, resume: bool = False, allow_config_change: bool = False,
@@ -427,16 +274,3 @@ def run_experiment_cli(config: str | Path, resume: bool = False, allow_config_ch
           f"{s['final_metrics'].get('dice_mean', float('nan')):.3f}, ALC {s['alc']:.3f}")
     print(f"outputs: {res.output_dir}/rounds.csv, summary.json, learning_curve.png")
     return 0
-
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "experiments" / "demo.yaml"
-
-
-def demo_cli(out: str | Path = "runs/demo") -> int:
-    """The main job on the embedded default: an AL experiment on generated phantoms."""
-    from importlib import resources
-
-    path = DEMO_CONFIG
-    if not path.is_file():  # installed without the repo: use the packaged copy
-        path = Path(str(resources.files("raylearn") / "demo.yaml"))
-    return run_experiment_cli(path, resume=True, out=out)

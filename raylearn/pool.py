@@ -197,6 +197,38 @@ class PoolShard:
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
                 "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
 
+    # -- labelled cases and the test split (read from the store, not part of the pool) -------------
+    def score_extra(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, feature_names: Sequence[str],
+                    params: Any, ids: Sequence[str]) -> dict[str, Any]:
+        """Features of cases outside the pool (the labelled ones, for strategies that measure distances to
+        them), with the checkpoint already loaded here: ``{"ids", "features": {name: [N, ...]}}``."""
+        from raylearn.scoring.features import compute_features
+
+        seg, _ = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in feature_names}
+        for cid in ids:
+            feats = compute_features(seg, self._store.get(cid).image, list(feature_names), params)
+            for name in feature_names:
+                rows[name].append(compact_feature(name, feats[name], cid))
+        return {"ids": list(ids), "features": {k: np.stack(v) for k, v in rows.items() if v}}
+
+    def evaluate(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, ids: Sequence[str],
+                 metric_kw: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Predict test cases and score them against their ground truth: one metrics row per case
+        (:func:`raylearn.metrics.evaluate_case` with ``metric_kw``, e.g. ``hd95``, ``surface_tolerance_mm``).
+        The checkpoint is the one scoring uses (loaded once)."""
+        from raylearn.metrics import evaluate_case
+
+        seg, _ = self._get_segmenter(ckpt, ckpt_hash, segmenter_cls)
+        rows = []
+        for cid in ids:
+            case = self._store.get(cid)
+            pred = seg.predict_label(np.asarray(case.image))
+            row = evaluate_case(pred, np.asarray(case.label), case.spacing, self._store.num_classes,
+                                **dict(metric_kw or {}))
+            rows.append({"case_id": cid, **row})
+        return rows
+
     def ping(self) -> int:
         return os.getpid()
 
@@ -352,12 +384,9 @@ class ShardedPool:
         names = validate_feature_names(feature_names)  # ValueError naming unknown features, before any work
         params = FeatureParams() if params is None else params
         t0 = time.perf_counter()
-        blob, cls = checkpoint_bytes(segmenter, segmenter_cls, self.DEFAULT_SEGMENTER)
-        digest = checkpoint_digest(blob)
-        if self._ckpt is None or self._ckpt[0] != digest:
-            self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
         put_s = time.perf_counter() - t0
-        args = ([self._ckpt[1]], digest, cls, names, params)
+        args = (ref, digest, cls, names, params)
         pending = {self._actors[i].score.remote(*args, ids, True): (i, ids) for i, ids in self._assign.items() if ids}
         expected = self.unlabeled_ids()
         results: list[dict[str, Any]] = []
@@ -389,6 +418,63 @@ class ShardedPool:
             "per_shard": [{k: r[k] for k in ("shard", "load_s", "score_s", "cpu_s", "pid")} | {"n": len(r["ids"])}
                           for r in results],
         }
+        return out
+
+    # -- evaluation and labelled-case features on the warm shards ---------------------------------
+    def _checkpoint_ref(self, segmenter: Any, segmenter_cls: str | type | None) -> tuple[list, str, str]:
+        blob, cls = checkpoint_bytes(segmenter, segmenter_cls, self.DEFAULT_SEGMENTER)
+        digest = checkpoint_digest(blob)
+        if self._ckpt is None or self._ckpt[0] != digest:
+            self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard and every job
+        return [self._ckpt[1]], digest, cls
+
+    def _spread(self, ids: Sequence[str]) -> list[tuple[Any, list[str]]]:
+        """``ids`` split over the live shards by voxel count (the test split, labelled cases)."""
+        actors = list(self._actors.values())
+        sizes = voxel_counts(self.store, list(ids))
+        return [(actors[j], [ids[k] for k in members])
+                for j, members in enumerate(balance(sizes, len(actors))) if members]
+
+    def submit_evaluate(self, segmenter: Any, ids: Sequence[str], metric_kw: Mapping[str, Any] | None = None,
+                        segmenter_cls: str | type | None = None) -> list[Any]:
+        """Queue test-split evaluation on the shards (non-blocking); pass the refs to :meth:`collect_evaluate`.
+
+        Submitted before :meth:`score` with the same checkpoint, evaluation of round r and scoring for round
+        r+1 share the loaded model and run back to back on every shard with no barrier in between.
+        """
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
+        return [(a.evaluate.remote(ref, digest, cls, chunk, dict(metric_kw or {})), chunk)
+                for a, chunk in self._spread(list(ids))]
+
+    def collect_evaluate(self, pending: list[Any], segmenter: Any = None, metric_kw: Mapping[str, Any] | None = None,
+                         segmenter_cls: str | type | None = None) -> list[dict[str, Any]]:
+        """Rows of :meth:`submit_evaluate`; a chunk whose shard died is re-run on a live one."""
+        rows: list[dict[str, Any]] = []
+        for ref, chunk in pending:
+            try:
+                rows.extend(ray.get(ref))
+            except _ACTOR_ERRORS as err:
+                if segmenter is None:
+                    raise
+                log.warning("pool: a shard died during evaluation (%s); re-running %d case(s)", err, len(chunk))
+                rows.extend(ray.get(self.submit_evaluate(segmenter, chunk, metric_kw, segmenter_cls)[0][0]))
+        return rows
+
+    def score_cases(self, segmenter: Any, ids: Sequence[str], feature_names: Sequence[str], params: Any = None,
+                    segmenter_cls: str | type | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Features of cases outside the pool (e.g. labelled ones) on the warm shards: ``{id: {name: value}}``."""
+        from raylearn.scoring.features import FeatureParams
+
+        if not ids:
+            return {}
+        params = FeatureParams() if params is None else params
+        ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
+        refs = [a.score_extra.remote(ref, digest, cls, list(feature_names), params, chunk)
+                for a, chunk in self._spread(list(ids))]
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for res in ray.get(refs):
+            for k, cid in enumerate(res["ids"]):
+                out[cid] = {name: col[k] for name, col in res["features"].items()}
         return out
 
     def _replace(self, dead: int, ids: Sequence[str]) -> dict[int, list[str]]:

@@ -9,7 +9,7 @@ unfinished ones from their last recorded round.
 
 Sweep YAML::
 
-    experiment: experiments/demo.yaml      # base experiment (relative to this file)
+    experiment: experiments/phantoms.yaml  # base experiment (relative to this file)
     output_dir: runs/sweep
     metric: alc                            # alc | dice_mean
     num_samples: 1                         # samples per grid point
@@ -204,7 +204,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from raylearn.loop import ensure_ray, ensure_store
+    from raylearn.runtime import ensure_ray, ensure_store
 
     base_path = (Path(source).parent / sweep.experiment).resolve()
     base = load_yaml(base_path) or {}

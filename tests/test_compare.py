@@ -15,8 +15,8 @@ def _base(tmp_path) -> ExperimentConfig:
         "name": "cmp", "output_dir": str(tmp_path / "unused"),
         "data": {"dataset": "phantom", "phantom": {"n_cases": 12, "shape": [24, 24, 24], "seed": 2}, "n_test": 3},
         "cold_start": {"size": 2}, "schedule": {"rounds": 1, "batch_size": 2},
-        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0, "patch_size": [16, 16, 16]},
-        "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 1},
+        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "train": {"first_round_steps": 3, "steps": 2, "batch_size": 2},
         "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False},
         "evaluate": {"hd95": False},
     }, ExperimentConfig)
@@ -39,6 +39,23 @@ def test_compare_shares_cold_start_and_writes_table(ray_session, tmp_path):
     assert "random" in (out / "compare.md").read_text()
     assert json.loads((out / "compare.json").read_text())["seeds"] == [0]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_pool_reference_is_trained_once_per_compare(ray_session, tmp_path):
+    """The reference gets the run's whole step budget on every pool case, once for all strategies and seeds."""
+    from raylearn.compare import compare
+
+    base = _base(tmp_path)
+    base = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"full_data_reference": True})})
+    out = tmp_path / "cmp"
+    res = compare(base, ["random", "entropy"], [0, 1], out)
+    rec = json.loads((out / "reference" / "reference.json").read_text())
+    assert rec["budget"] == 3 + 1 * 2 and rec["unit"] == "steps" and rec["n_cases"] == 9
+    assert sorted(p.name for p in (out / "reference" / "checkpoints").iterdir()) == ["reference.pt"]
+    dices = {json.loads((out / s / f"seed_{k}" / "summary.json").read_text())["full_data_dice"]
+             for s in ("random", "entropy") for k in (0, 1)}
+    assert dices == {rec["metrics"]["dice_mean"]} and res["reference_dice"] == rec["metrics"]["dice_mean"]
+    assert not any((out / s / f"seed_{k}" / "reference").exists() for s in ("random", "entropy") for k in (0, 1))
 
 
 def test_compare_rejects_unknown_strategy_before_running(tmp_path):

@@ -1,17 +1,20 @@
-"""fit_round with Ray Train on phantom cases: DDP on 2 CPU workers, recovery from a killed worker, warm start."""
+"""The persistent training service on phantoms: one worker group for many rounds, warm rounds, labels that
+grow mid-round, a worker killed mid-round that resumes exactly, and errors before any training."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from raylearn.models.config import ModelConfig, TrainConfig
-from raylearn.models.training import dice_sums
+from raylearn.models.config import ModelConfig, TrainConfig, resolve_model_config
 from raylearn.models.unet import MonaiSegmenter
-from raylearn.train import FAIL_ENV, fit_round
+from raylearn.train import TrainingService
 
-MODEL = ModelConfig(channels=(8, 16, 32), strides=(2, 2), num_res_units=1, patch_size=(16, 16, 16))
+TINY = ModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1)
 
 
 @pytest.fixture(scope="module")
@@ -20,69 +23,97 @@ def store(tmp_path_factory):
     from raylearn.data.store import PoolStore, ingest
 
     root = tmp_path_factory.mktemp("phantoms")
-    make_phantom_dataset(root / "raw", n_cases=8, shape=(32, 32, 32), seed=0)
+    make_phantom_dataset(root / "raw", n_cases=10, shape=(24, 24, 24), seed=0)
     ingest(root / "raw", root / "store", n_test=2, seed=0, progress=False)
     return PoolStore.open(root / "store")
 
 
-def test_ddp_two_workers_survive_a_killed_worker(ray_session, store, tmp_path, monkeypatch):
+def _model(store) -> ModelConfig:
+    return resolve_model_config(TINY, list(store.manifest["shape"]))
+
+
+def _weights(blob: bytes) -> dict[str, torch.Tensor]:
+    import io
+
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _kill_once(rank, round_index, step, attempt):
+    """Step hook: rank 0 dies at step 6 of round 1 on the first attempt (after the step-4 checkpoint)."""
+    if rank == 0 and round_index == 1 and step == 5 and attempt == 0:
+        time.sleep(3.0)  # let Ray Train collect the step-4 report before the process disappears
+        os._exit(1)
+
+
+def test_rounds_share_one_worker_group_and_continue_warm(ray_session, store, tmp_path):
     ids = store.case_ids("pool")
-    marker = tmp_path / "killed.txt"
-    monkeypatch.setenv(FAIL_ENV, f"{marker}:1")  # rank 0 dies during the second epoch, once
-    cfg = TrainConfig(
-        epochs=3, iterations_per_epoch=3, batch_size=2, num_workers=2, max_failures=1, val_fraction=0.34,
-        storage_path=str(tmp_path / "runs"), seed=0,
-    )
-    res = fit_round(store, ids, None, MODEL, cfg, round_index=0)
-
-    assert marker.is_file(), "fault injection did not fire"
-    assert res.restarts == 1
-    assert [h["epoch"] for h in res.history] == [1, 2, 3]
-    assert [h["attempt"] for h in res.history] == [0, 1, 1]  # epochs 2-3 ran after the restart from epoch 1
-    assert all(h["ddp_param_spread"] == 0.0 for h in res.history), "DDP replicas diverged"
-    assert len(res.val_ids) == 2 and not set(res.val_ids) & set(res.train_ids) and not res.val_on_train
-    assert res.checkpoint_path == tmp_path / "runs" / "round_000" / "best.pt" and res.checkpoint_path.is_file()
-    assert res.best_val_dice == max(h["val_dice"] for h in res.history)
-
-    # the saved best model really is the one that scored best_val_dice on the validation cases
-    seg = MonaiSegmenter.load(res.checkpoint_path, device="cpu")
-    sums, counts = np.zeros(2), np.zeros(2)
-    for cid in res.val_ids:
-        case = store.get(cid)
-        s, c = dice_sums(torch.from_numpy(seg.predict_label(case.image).astype(np.int64)),
-                         torch.from_numpy(case.label.astype(np.int64)), 3)
-        sums, counts = sums + s, counts + c
-    assert sums.sum() / counts.sum() == pytest.approx(res.best_val_dice, abs=1e-4)
+    cfg = TrainConfig(first_round_steps=6, steps=4, batch_size=2, warmup_steps=8, checkpoint_every=4, log_every=2)
+    with TrainingService(store, _model(store), cfg, total_steps=14, storage_path=tmp_path) as svc:
+        r0 = svc.fit_round(0, ids[:3])
+        r1 = svc.fit_round(1, ids[:5])
+        status = svc.status()
+    # exactly one worker process served both rounds (no per-round worker group)
+    assert len(status["workers"]) == 1 and status["finished"] == [0, 1]
+    assert (r0.info["global_step"], r1.info["global_step"]) == (6, 10)
+    assert (r0.info["n_train"], r1.info["n_train"], r1.info["cached_cases"]) == (3, 5, 5)
+    # the warm-up spans rounds: round 1 starts where round 0's schedule stopped, it does not restart
+    assert r0.info["lr"] < r1.info["lr"] == pytest.approx(cfg.lr)
+    w0, w1 = _weights(r0.checkpoint), _weights(r1.checkpoint)
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 0
+    seg = MonaiSegmenter.load(r1.save(tmp_path / "r1.pt"), device="cpu")
+    assert seg.predict_label(store.get(ids[0]).image).shape == store.get(ids[0]).image.shape[1:]
 
 
-def test_warm_start_loads_the_given_weights(ray_session, store, tmp_path):
-    init = MonaiSegmenter(MODEL, in_channels=1, num_classes=3, seed=123, device="cpu")
-    init_path = init.save(tmp_path / "init.pt")
-    cfg = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=1, lr=1e-10, storage_path=str(tmp_path / "runs"))
-    ids = store.case_ids("pool")[:3]
-    stale = tmp_path / "runs" / "round_004" / "stale.txt"  # an old run of the same name is not resumed
-    stale.parent.mkdir(parents=True)
-    stale.write_text("old")
-    res = fit_round(store, ids, init_path, MODEL, cfg, round_index=4)
-    assert res.val_on_train and res.checkpoint_path.parent.name == "round_004"
-    assert not stale.exists() and len(res.history) == 1
+def test_labels_added_while_a_round_is_queued_are_trained(ray_session, store, tmp_path):
+    ids = store.case_ids("pool")
+    cfg = TrainConfig(first_round_steps=4, steps=4, batch_size=2, log_every=2)
+    with TrainingService(store, _model(store), cfg, total_steps=4, storage_path=tmp_path) as svc:
+        svc.submit_round(0, ids[:2])
+        assert svc.extend_round(0, ids[2:4]) == 1
+        res = svc.wait_round(0)
+    assert res.info["labels_version"] == 1 and res.info["n_train"] == 4
 
-    trained = MonaiSegmenter.load(res.checkpoint_path, device="cpu").state_dict()
-    start = init.state_dict()
-    cold = MonaiSegmenter(MODEL, 1, 3, seed=cfg.seed, device="cpu").state_dict()  # what a cold start begins from
-    diff_init = max(float((trained[k] - start[k]).abs().max()) for k in start)
-    diff_cold = max(float((trained[k] - cold[k]).abs().max()) for k in cold)
-    assert diff_init < 1e-6 < 1e-2 < diff_cold
+
+def test_worker_killed_mid_round_resumes_from_its_checkpoint_exactly(ray_session, store, tmp_path):
+    """Ray Train restarts the group; the round continues at step 4 and ends with the uninterrupted weights."""
+    ids = store.case_ids("pool")
+    cfg = TrainConfig(first_round_steps=4, steps=8, batch_size=2, checkpoint_every=4, log_every=4, max_failures=1)
+    model = _model(store)
+    results = {}
+    for name, hook in (("plain", None), ("killed", _kill_once)):
+        with TrainingService(store, model, cfg, total_steps=12, storage_path=tmp_path, name=name,
+                             step_hook=hook) as svc:
+            svc.fit_round(0, ids[:3])
+            results[name] = (svc.fit_round(1, ids[:5]), svc.status())
+    (plain, _), (killed, status) = results["plain"], results["killed"]
+    assert len(status["workers"]) == 2, "the killed worker's group was restarted once"
+    assert killed.info["attempt"] == 1 and killed.info["resumed_at_step"] == 4 and killed.info["trained_steps"] == 4
+    assert plain.info["resumed_at_step"] == 0 and plain.info["global_step"] == killed.info["global_step"] == 12
+    wp, wk = _weights(plain.checkpoint), _weights(killed.checkpoint)
+    assert max(float((wp[k] - wk[k]).abs().max()) for k in wp) < 1e-5
 
 
 def test_bad_requests_fail_before_training(ray_session, store, tmp_path):
-    cfg = TrainConfig(storage_path=str(tmp_path))
-    with pytest.raises(ValueError, match="not in the pool store: \\['nope'\\]"):
-        fit_round(store, ["nope"], None, MODEL, cfg)
-    other = MonaiSegmenter(ModelConfig(channels=(8, 16, 64), strides=(2, 2), patch_size=(16, 16, 16)), 1, 3)
+    cfg = TrainConfig(steps=2)
+    with pytest.raises(ValueError, match="resolved model config"):
+        TrainingService(store, TINY, cfg, total_steps=2, storage_path=tmp_path)
+    svc = TrainingService(store, _model(store), cfg, total_steps=2, storage_path=tmp_path)
+    with pytest.raises(Exception, match="not running"):
+        svc.submit_round(0, store.case_ids("pool")[:2])
+    other = MonaiSegmenter(ModelConfig(channels=(4, 8, 32), strides=(2, 2), patch_size=(24, 24, 24)), 1, 3)
     path = other.save(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="model.channels"):
-        fit_round(store, store.case_ids("pool")[:2], path, MODEL, cfg)
-    two_class = MonaiSegmenter(MODEL, 1, 2).save(tmp_path / "two.pt")
-    with pytest.raises(ValueError, match="num_classes=2"):
-        fit_round(store, store.case_ids("pool")[:2], two_class, MODEL, cfg)
+        TrainingService(store, _model(store), cfg, total_steps=2, storage_path=tmp_path, init_checkpoint=path).start()
+    with pytest.raises(ValueError, match="not in the pool store: \\['nope'\\]"):
+        svc.submit_round(0, ["nope"])  # checked before anything reaches the workers
+
+
+def test_resolve_model_config_whole_volume_and_patches():
+    shapes = [(35, 51, 35), (36, 47, 40)]
+    m = resolve_model_config(ModelConfig(), shapes)
+    assert m.patch_size == (40, 56, 40) and m.dropout == 0.0
+    assert resolve_model_config(ModelConfig(), shapes, mc_dropout_needed=True).dropout == 0.1
+    big = resolve_model_config(ModelConfig(whole_volume_max_voxels=1000, auto_patch_max=32), shapes)
+    assert big.patch_size == (32, 32, 32)
+    assert resolve_model_config(ModelConfig(dropout=0.2, patch_size=(16, 16, 16)), shapes).dropout == 0.2
+    assert np.prod(m.patch_size) % 8 == 0

@@ -21,8 +21,8 @@ BASE = {
     "name": "tiny-sweep", "seed": 0,
     "data": {"dataset": "phantom", "phantom": {"n_cases": 12, "shape": [24, 24, 24], "seed": 4}, "n_test": 3},
     "cold_start": {"size": 2}, "strategy": {"name": "random"}, "schedule": {"rounds": 1, "batch_size": 2},
-    "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0, "patch_size": [16, 16, 16]},
-    "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 1},
+    "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+    "train": {"first_round_steps": 3, "steps": 2, "batch_size": 2},
     "pool": {"progress": False}, "evaluate": {"hd95": False},
 }
 

@@ -1,18 +1,24 @@
-"""Pure-torch training helpers for the MONAI backend (used inside Ray Train workers; no Ray here).
+"""Pure-torch training recipe for the MONAI backend (used inside Ray Train workers; no Ray here).
 
-A *case* is a mapping ``{"image": float32 [C, D, H, W], "label": uint8 [D, H, W]}``. Training samples
-random patches of ``model.patch_size`` (foreground-biased with ``train.pos_fraction``), augments them
-with MONAI transforms, and minimises Dice + cross-entropy. Validation runs sliding-window inference on
-whole volumes and returns per-class Dice sums and counts so that workers can all-reduce them.
+A *case* is ``{"image": float32 [C, D, H, W], "label": uint8 [D, H, W]}``. :class:`CaseCache` pads each
+labelled case once to at least the training patch (MONAI ``SpatialPadd``, centred) and keeps the tensors
+for the whole experiment, so rounds only add the newly labelled cases. Every optimiser step draws its batch
+from a seed derived from ``(seed, round, step, rank)`` (shuffled passes over the labelled cases, as a plain
+training script does), and the random transforms are re-seeded per sample: a run resumed from a mid-round
+checkpoint draws exactly the batches an uninterrupted run draws.
+
+When the padded volumes fit in one patch (``patch_size: auto``), whole volumes train; otherwise
+foreground-biased random crops of the patch (MONAI ``RandCropByPosNegLabeld``). Augmentation is declared per
+axis (:class:`~raylearn.models.config.AugmentConfig`); loss MONAI ``DiceCELoss``; optimiser Adam / AdamW /
+SGD; schedule ``torch.optim.lr_scheduler`` (linear warm-up, then constant / cosine / polynomial over the
+run's whole step budget); optional EMA of the weights (``torch.optim.swa_utils.AveragedModel``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,15 +28,17 @@ from torch import nn
 from raylearn.models.config import ModelConfig, TrainConfig
 
 __all__ = [
+    "CaseCache",
+    "batch_indices",
     "check_init_checkpoint",
     "ddp_param_spread",
-    "dice_sums",
+    "make_ema",
     "make_loss",
     "make_optimizer",
     "make_scheduler",
-    "make_train_loader",
+    "sample_batch",
     "split_validation",
-    "train_epoch",
+    "train_step",
     "train_transforms",
     "validate",
 ]
@@ -38,248 +46,232 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def split_validation(labeled_ids: Sequence[str], train_cfg: TrainConfig) -> tuple[list[str], list[str], bool]:
-    """Deterministic train/validation split of the labelled ids -> ``(train_ids, val_ids, val_on_train)``.
+def split_validation(labeled_ids: Sequence[str], train_cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of the labelled ids -> ``(train_ids, val_ids)``.
 
-    ``val_ids`` from the config win; otherwise the ``round(val_fraction * n)`` ids (at least one) with the
-    smallest hash of ``(seed, id)`` are held out, so the validation set stays mostly stable as rounds add
-    labels. With fewer than 4 labelled cases (or ``val_fraction == 0``) the model is validated on its training
-    cases and ``val_on_train`` is True.
+    Every labelled case trains unless asked otherwise: ``val_ids`` from the config, or ``val_fraction > 0``
+    (the ``round(val_fraction * n)`` ids, at least one, with the smallest hash of ``(seed, id)``, so the
+    validation set stays mostly stable as rounds add labels). With fewer than 4 labelled cases nothing is held
+    out. ``val_ids`` is empty when no validation is wanted.
     """
     ids = list(dict.fromkeys(str(i) for i in labeled_ids))
     if not ids:
-        raise ValueError("fit_round needs at least one labelled case id")
+        raise ValueError("training needs at least one labelled case id")
     if train_cfg.val_ids is not None:
         unknown = sorted(set(train_cfg.val_ids) - set(ids))
         if unknown:
             raise ValueError(f"train.val_ids: ids not among the labelled cases: {unknown[:5]}")
         val = [i for i in ids if i in set(train_cfg.val_ids)]
         train = [i for i in ids if i not in set(val)]
-        if train:
-            return train, val, False
-        return ids, ids, True
-    n_val = int(round(train_cfg.val_fraction * len(ids)))
+        if not train:
+            raise ValueError("train.val_ids: every labelled case is a validation case; nothing would train")
+        return train, val
     if train_cfg.val_fraction == 0 or len(ids) < 4:
-        return ids, ids, True
-    n_val = min(max(n_val, 1), len(ids) - 1)
+        return ids, []
+    n_val = min(max(int(round(train_cfg.val_fraction * len(ids))), 1), len(ids) - 1)
 
     def key(i: str) -> str:
         return hashlib.blake2b(f"{train_cfg.seed}:{i}".encode(), digest_size=8).hexdigest()
 
     val = set(sorted(ids, key=key)[:n_val])
-    return [i for i in ids if i not in val], [i for i in ids if i in val], False
+    return [i for i in ids if i not in val], [i for i in ids if i in val]
 
 
-def train_transforms(model_cfg: ModelConfig, train_cfg: TrainConfig):
-    """MONAI dictionary transforms: pad to the patch, foreground-biased crop, flips/affine/intensity augmentation.
+def train_transforms(model_cfg: ModelConfig, train_cfg: TrainConfig, crop: bool):
+    """MONAI dictionary transforms applied to each cached (padded) case per sample.
 
-    Input ``{"image": [C,D,H,W], "label": [1,D,H,W]}``; output tensors of the same layout at ``patch_size``.
+    Input ``{"image": [C,D,H,W], "label": [1,D,H,W]}`` tensors; output the same layout at ``patch_size`` (a
+    foreground-biased crop when ``crop``, else the whole padded volume).
     """
     from monai import transforms as T
 
     keys = ["image", "label"]
-    patch = tuple(model_cfg.patch_size)
-    pos = float(train_cfg.pos_fraction)
-    steps: list[Any] = [
-        T.EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
-        T.SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),
-        T.RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=patch, pos=pos, neg=1.0 - pos, num_samples=1, image_key=None
-        ),
-    ]
-    if train_cfg.augment:
-        steps += [
-            T.RandAffined(
-                keys=keys,
-                prob=0.2,
-                rotate_range=(0.26, 0.26, 0.26),
-                scale_range=(0.1, 0.1, 0.1),
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            ),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-            T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-            T.RandGaussianNoised(keys="image", prob=0.15, std=0.05),
-        ]
-    return T.Compose(steps)
+    aug = train_cfg.augment
+    steps: list[Any] = []
+    if crop:
+        pos = float(train_cfg.pos_fraction)
+        steps.append(T.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=tuple(model_cfg.patch_size),
+                                              pos=pos, neg=1.0 - pos, num_samples=1, image_key=None))
+    if any(aug.rotate_deg) or aug.scale > 0:
+        steps.append(T.RandAffined(
+            keys=keys, prob=aug.affine_prob, rotate_range=tuple(np.deg2rad(d) for d in aug.rotate_deg),
+            scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"))
+    steps += [T.RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=a) for a in aug.flip_axes]
+    if aug.intensity_scale > 0:
+        steps.append(T.RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=0.5))
+    if aug.intensity_shift > 0:
+        steps.append(T.RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=0.5))
+    if aug.noise_std > 0:
+        steps.append(T.RandGaussianNoised(keys="image", prob=0.15, std=aug.noise_std))
+    return T.Compose(steps, lazy=False)
 
 
-def _as_training_case(case: Mapping[str, Any], index: int) -> dict[str, np.ndarray]:
-    image = np.asarray(case["image"])
-    label = case.get("label")
-    if label is None:
-        raise ValueError(f"case {case.get('case_id', index)!r} has no label; training needs labelled cases")
-    label = np.asarray(label)
-    if image.ndim != 4 or label.shape != image.shape[1:]:
-        raise ValueError(
-            f"case {case.get('case_id', index)!r}: image must be [C,D,H,W] and label [D,H,W] on the same grid, "
-            f"got {image.shape} and {label.shape}"
-        )
-    return {"image": np.array(image, dtype=np.float32), "label": np.array(label, dtype=np.float32)[None]}
+class CaseCache:
+    """Labelled cases padded once to at least the training patch, kept as tensors for the whole experiment.
 
-
-def make_train_loader(
-    cases: Sequence[Mapping[str, Any]],
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    seed: int,
-    steps: int | None = None,
-):
-    """A loader yielding ``steps`` batches ``{"image": [B,C,*patch], "label": [B,1,*patch]}`` of random patches.
-
-    Cases are drawn with replacement; crops and augmentation are deterministic for ``seed`` (also with
-    ``loader_workers > 0``, where MONAI seeds each worker from the generator).
+    Args:
+        patch: training patch ``(D, H, W)``; each case is centre-padded with zeros to at least this size.
+        reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` (the pool store; the label store once
+            people label).
     """
-    from monai.data import DataLoader, Dataset
 
-    if not cases:
-        raise ValueError("no training cases")
-    steps = train_cfg.iterations_per_epoch if steps is None else steps
-    data = [_as_training_case(c, i) for i, c in enumerate(cases)]
-    ds = Dataset(data=data, transform=train_transforms(model_cfg, train_cfg))
-    gen = torch.Generator().manual_seed(int(seed))
-    sampler = torch.utils.data.RandomSampler(
-        ds, replacement=True, num_samples=steps * train_cfg.batch_size, generator=gen
-    )
-    return DataLoader(
-        ds,
-        batch_size=train_cfg.batch_size,
-        sampler=sampler,
-        num_workers=train_cfg.loader_workers,
-        generator=gen,
-        drop_last=False,
-        persistent_workers=False,
-    )
+    def __init__(self, patch: Sequence[int], reader) -> None:
+        from monai.transforms import SpatialPadd
+
+        self.patch = tuple(int(p) for p in patch)
+        self._pad = SpatialPadd(keys=["image", "label"], spatial_size=self.patch, mode="constant")
+        self._reader = reader
+        self._cases: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __contains__(self, case_id: str) -> bool:
+        return case_id in self._cases
+
+    def ensure(self, ids: Sequence[str]) -> int:
+        """Read and pad the cases not cached yet; returns how many were added."""
+        added = 0
+        for cid in ids:
+            if cid in self._cases:
+                continue
+            image, label = self._reader(cid)
+            image, label = np.asarray(image), np.asarray(label)
+            if image.ndim != 4 or label.shape != image.shape[1:]:
+                raise ValueError(f"case {cid!r}: image must be [C,D,H,W] and label [D,H,W] on the same grid, "
+                                 f"got {image.shape} and {label.shape}")
+            item = {"image": torch.from_numpy(np.array(image, dtype=np.float32)),
+                    "label": torch.from_numpy(np.array(label, dtype=np.float32)[None])}
+            item = self._pad(item)
+            self._cases[cid] = {k: torch.as_tensor(v).contiguous() for k, v in item.items()}
+            added += 1
+        return added
+
+    def get(self, case_id: str) -> dict[str, torch.Tensor]:
+        return self._cases[case_id]
+
+    def whole_volume(self) -> bool:
+        """True when every cached case is exactly the patch (whole-volume training, no cropping)."""
+        return all(tuple(c["image"].shape[1:]) == self.patch for c in self._cases.values())
 
 
-def make_loss(num_classes: int) -> nn.Module:
-    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]``."""
+def batch_indices(n: int, batch_size: int, step: int, seed: Sequence[int]) -> list[int]:
+    """Indices into ``n`` cases for optimiser step ``step``: consecutive shuffled passes over all cases.
+
+    Pass ``e`` is the permutation drawn from ``seed + [e]``, so any step's batch is computed directly (a resumed
+    run needs no sampler state).
+    """
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(pos, n)
+        perm = np.random.default_rng([*map(int, seed), epoch]).permutation(n)
+        out.append(int(perm[k]))
+    return out
+
+
+def sample_batch(cache: CaseCache, ids: Sequence[str], transform, batch_size: int, step: int,
+                 seed: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of step ``step``: ``image [B,C,*patch]``, integer ``label [B,1,*patch]``; deterministic for
+    ``(seed, step)``, the transforms re-seeded per sample."""
+    idx = batch_indices(len(ids), batch_size, step, seed)
+    xs, ys = [], []
+    for j, i in enumerate(idx):
+        sample_seed = int(np.random.SeedSequence([*map(int, seed), step, j]).generate_state(1)[0])
+        transform.set_random_state(seed=sample_seed)
+        case = cache.get(ids[i])
+        out = transform({"image": case["image"], "label": case["label"]})
+        if isinstance(out, list):  # RandCropByPosNegLabeld returns a list of num_samples dicts
+            out = out[0]
+        xs.append(torch.as_tensor(out["image"]).as_subclass(torch.Tensor))
+        ys.append(torch.as_tensor(out["label"]).as_subclass(torch.Tensor))
+    return torch.stack(xs).float(), torch.stack(ys).round().long()
+
+
+def make_loss() -> nn.Module:
+    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` (MONAI)."""
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False, batch=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
 def make_optimizer(params, train_cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov, momentum 0.99 as in nnU-Net) with ``lr`` and ``weight_decay``."""
+    """Adam, AdamW, or SGD (Nesterov, momentum 0.99 as in nnU-Net) with ``lr`` and ``weight_decay``."""
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=train_cfg.lr, momentum=0.99, nesterov=True, weight_decay=train_cfg.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=0.99, nesterov=True,
+                               weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, total_steps: int):
-    """Per-step LR schedule: ``poly`` (1 - t/T)^0.9, ``cosine`` to 0, or ``constant``. Call ``.step()`` per step."""
-    total = max(int(total_steps), 1)
-    if train_cfg.schedule == "poly":
+    """Per-step schedule over the run's whole budget: linear warm-up (``warmup_steps``), then ``constant``,
+    ``cosine`` (to ``min_lr_ratio * lr``) or ``poly`` (power 0.9, to 0 at ``total_steps``). Call ``.step()``
+    after every optimiser step; the state continues across rounds."""
+    from torch.optim import lr_scheduler as S
 
-        def factor(step: int) -> float:
-            return max(1.0 - min(step, total) / total, 0.0) ** 0.9
-    elif train_cfg.schedule == "cosine":
-
-        def factor(step: int) -> float:
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    warm = min(int(train_cfg.warmup_steps), max(int(total_steps) - 1, 0))
+    rest = max(int(total_steps) - warm, 1)
+    if train_cfg.schedule == "cosine":
+        main = S.CosineAnnealingLR(optimizer, T_max=rest, eta_min=train_cfg.lr * train_cfg.min_lr_ratio)
+    elif train_cfg.schedule == "poly":
+        main = S.PolynomialLR(optimizer, total_iters=rest, power=0.9)
     else:
+        main = S.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warm == 0:
+        return main
+    warmup = S.LinearLR(optimizer, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return S.SequentialLR(optimizer, [warmup, main], milestones=[warm])
 
-        def factor(step: int) -> float:
-            return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
+def make_ema(network: nn.Module, decay: float | None):
+    """An EMA copy of ``network`` (``AveragedModel`` with ``get_ema_multi_avg_fn``), or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def train_epoch(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    loss_fn: nn.Module,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None = None,
-    amp: bool = False,
-    on_step: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"loss": mean loss, "steps": n, "train_s": seconds, "lr": last lr}``.
-
-    ``amp`` uses float16 autocast with ``scaler`` (CUDA only). ``on_step(i)`` runs after every step (tests use
-    it to inject failures).
-    """
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler,
+               loss_fn: nn.Module, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+               amp: bool = False) -> float:
+    """One optimiser step on a batch; returns the loss. ``amp``: float16 autocast with ``scaler`` (CUDA only)."""
     model.train()
     use_amp = bool(amp and device.type == "cuda")
-    total, n = 0.0, 0
-    t0 = time.perf_counter()
-    for i, batch in enumerate(loader):
-        x = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-        y = torch.as_tensor(batch["label"]).to(device, non_blocking=True).round().long()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            loss = loss_fn(model(x), y)
-        if scaler is not None and use_amp:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += float(loss.detach())
-        n += 1
-        if on_step is not None:
-            on_step(i)
-    return {
-        "loss": total / max(n, 1),
-        "steps": n,
-        "train_s": time.perf_counter() - t0,
-        "lr": float(optimizer.param_groups[0]["lr"]),
-    }
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        loss = loss_fn(model(x), y)
+    if scaler is not None and use_amp:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach())
 
 
-def dice_sums(pred: torch.Tensor, gt: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per foreground class Dice of one case: ``pred``/``gt`` integer ``[D,H,W]`` -> (dice sums, counts) ``[K-1]``.
+def validate(segmenter, cases: Sequence[Mapping[str, Any]], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every case with ``segmenter`` and return per foreground class (Dice sums, counts) ``[K-1]``.
 
-    A class absent from both prediction and ground truth is skipped (count 0); absent from the ground truth
-    but predicted gives Dice 0 (MONAI ``DiceMetric`` with ``ignore_empty=False`` semantics otherwise).
+    A class absent from both prediction and ground truth is skipped; mean Dice = ``sums.sum() / counts.sum()``.
     """
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
+    from raylearn.metrics import dice
 
-    p = one_hot(pred[None, None].long(), num_classes, dim=1)
-    g = one_hot(gt[None, None].long(), num_classes, dim=1)
-    d = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p, g)[0].cpu().numpy()
-    present = (g[0, 1:].flatten(1).sum(1) + p[0, 1:].flatten(1).sum(1)).cpu().numpy() > 0
-    sums = np.where(present, np.nan_to_num(d), 0.0).astype(np.float64)
-    return sums, present.astype(np.float64)
-
-
-def validate(
-    model: nn.Module,
-    cases: Sequence[Mapping[str, Any]],
-    inferer,
-    num_classes: int,
-    device: torch.device,
-    amp: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sliding-window prediction of every case; returns per-class Dice (sums, counts) ``[K-1]`` over cases.
-
-    Mean Dice = ``sums.sum() / counts.sum()`` per voxel-class pair, or ``sums / counts`` per class.
-    """
-    model.eval()
     sums = np.zeros(num_classes - 1)
     counts = np.zeros(num_classes - 1)
-    use_amp = bool(amp and device.type == "cuda")
-    with torch.no_grad():
-        for case in cases:
-            x = torch.from_numpy(np.array(case["image"], dtype=np.float32))[None].to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = inferer(x, model)
-            pred = logits.float().argmax(dim=1)[0]
-            gt = torch.from_numpy(np.asarray(case["label"]).astype(np.int64)).to(device)
-            s, c = dice_sums(pred, gt, num_classes)
-            sums += s
-            counts += c
+    for case in cases:
+        pred = segmenter.predict_label(np.asarray(case["image"]))
+        gt = np.asarray(case["label"])
+        for c in range(1, num_classes):
+            if (pred == c).any() or (gt == c).any():
+                sums[c - 1] += dice(pred == c, gt == c)
+                counts[c - 1] += 1
     return sums, counts
 
 

@@ -51,7 +51,7 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mo
             up_kernel_size=cfg.kernel_size,
             num_res_units=cfg.num_res_units,
             norm=cfg.norm,
-            dropout=cfg.dropout,
+            dropout=cfg.train_dropout,  # a float even at 0: the dropout layers exist for MC sampling
         )
     n = len(cfg.channels)
     return DynUNet(
@@ -62,7 +62,7 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mo
         strides=[1, *cfg.strides],
         upsample_kernel_size=list(cfg.strides),
         filters=list(cfg.channels),
-        dropout=cfg.dropout if cfg.dropout > 0 else None,
+        dropout=cfg.train_dropout,
         norm_name=cfg.norm,
         res_block=cfg.num_res_units > 0,
     )
@@ -128,12 +128,24 @@ class MonaiSegmenter(Segmenter):
         self.network.to(self.device).eval()
 
     # ------------------------------------------------------------------ inference
-    def inferer(self):
-        """MONAI sliding-window inferer over ``patch_size`` windows with gaussian (or constant) blending."""
+    def window(self, spatial_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The inference window: ``patch_size``, or with ``patch_size: auto`` the image padded to the stride."""
+        if self.cfg.patch_size != "auto":
+            return tuple(int(p) for p in self.cfg.patch_size)
+        f = self.cfg.stride_factor
+        return tuple(-(-int(s) // f) * f for s in spatial_shape[-3:])
+
+    def inferer(self, spatial_shape: tuple[int, ...] | None = None):
+        """MONAI sliding-window inferer over ``window(spatial_shape)`` windows, gaussian (or constant) blending.
+
+        With a fixed ``patch_size`` the shape is not needed; with ``auto`` it is (one window covers the image).
+        """
         from monai.inferers import SlidingWindowInferer
 
+        if self.cfg.patch_size == "auto" and spatial_shape is None:
+            raise ValueError("patch_size is 'auto': pass the image's spatial shape to inferer()")
         return SlidingWindowInferer(
-            roi_size=tuple(self.cfg.patch_size),
+            roi_size=self.window(spatial_shape or ()),
             sw_batch_size=self.cfg.sw_batch_size,
             overlap=self.cfg.sw_overlap,
             mode=self.cfg.sw_mode,
@@ -148,7 +160,7 @@ class MonaiSegmenter(Segmenter):
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))[None].to(self.device)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inferer()(x, self.network)
+        return self.inferer(tuple(x.shape[2:]))(x, self.network)
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``float32 [K, D, H, W]`` (sums to 1 over K) by sliding-window inference."""
@@ -159,28 +171,35 @@ class MonaiSegmenter(Segmenter):
         return probs.cpu().numpy().astype(np.float32, copy=False)
 
     def predict_mc(self, image: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
-        """MC-dropout samples ``float32 [T, K, D, H, W]``: dropout active, normalisation in eval mode.
+        """MC-dropout samples ``float32 [T, K, D, H, W]``: dropout active at ``model.mc_dropout``, normalisation
+        in eval mode.
 
-        Deterministic for a ``seed``; the global torch RNG is left untouched. Raises ``NotImplementedError``
-        when the network was built with ``dropout == 0`` (all samples would be identical).
+        The sampling probability is set apart from the training dropout (``model.dropout``, often 0 for
+        strategies that never sample). Deterministic for a ``seed``; the global torch RNG is left untouched.
+        Raises ``NotImplementedError`` when the network has no dropout layers (DynUNet built without dropout).
         """
-        if self.cfg.dropout <= 0:
-            raise NotImplementedError("MonaiSegmenter was built with dropout=0: MC-dropout needs model.dropout > 0")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        drops = [m for m in self.network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if not drops:
+            raise NotImplementedError("this network has no dropout layers: MC dropout needs model.arch 'unet' "
+                                      "or a DynUNet with model.dropout > 0")
         x = self._as_input(image)
         self.network.eval()
-        drops = [m for m in self.network.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         out = []
+        trained_p = [m.p for m in drops]
         try:
             for m in drops:
+                m.p = float(self.cfg.mc_dropout)
                 m.train()
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 torch.manual_seed(seed)
                 for _ in range(n_samples):
                     out.append(torch.softmax(self._logits(x).float(), dim=1)[0].cpu())
         finally:
+            for m, p in zip(drops, trained_p, strict=True):
+                m.p = p
             self.network.eval()
         return torch.stack(out).numpy().astype(np.float32, copy=False)
 
