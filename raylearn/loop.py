@@ -164,12 +164,19 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     oracle = SimulatedOracle(store)
     train_cfg = cfg.train.model_copy(update={"storage_path": str((out / "ray_train").resolve())})
     n_rounds = 1 + cfg.schedule.rounds
-    pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in set(labeled)])
     trainer = make_round_trainer(store, model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
                                  step_hook=step_hook)
+    started = len(rounds) < n_rounds
+    if started:  # the service's start-up (a thread) overlaps the shards' start-up
+        trainer.start()
+    try:
+        pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in set(labeled)])
+    except BaseException:
+        if started:
+            trainer.stop()
+        raise
     metric_kw = {"hd95": cfg.evaluate.hd95, "surface_tolerance_mm": cfg.evaluate.surface_dice_tolerance_mm}
-    started = False
     prefetched: tuple[int, Any, float] | None = None  # (round, PoolView, seconds) scored beside evaluation
     try:
         for r in range(len(rounds), n_rounds):
@@ -201,9 +208,6 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             labeled.extend(chosen)
             pool.mark_labeled(chosen)
 
-            if not started:
-                trainer.start()
-                started = True
             t0 = time.perf_counter()
             checkpoint, info = trainer.fit(r, list(labeled), seed=round_seed(cfg.seed, r) % 2**31)
             timings["train_s"] = time.perf_counter() - t0

@@ -133,3 +133,18 @@ def test_kill_9_then_resume_reaches_identical_selections(reference_run):
     assert [r["selected"] for r in res.rounds] == [r["selected"] for r in ref.rounds]
     assert res.rounds[-1]["metrics"]["dice_mean"] == pytest.approx(ref.rounds[-1]["metrics"]["dice_mean"],
                                                                    abs=1e-6)
+
+
+def test_the_loop_learns_on_the_shipped_phantom_experiment(ray_session, tmp_path):
+    """deployments/experiments/phantoms.yaml (3 -> 12 labelled phantoms): the last round's Dice clearly exceeds
+    round 0's. Measured 0.306 -> 0.458 -> 0.447 -> 0.498 on a quiet 2-core machine; asserted with headroom."""
+    from raylearn.loop import run_experiment
+
+    cfg = load_experiment(REPO / "deployments" / "experiments" / "phantoms.yaml",
+                          {"output_dir": str(tmp_path / "run"), "pool.progress": False})
+    res = run_experiment(cfg, progress=False)
+    dice = [r["metrics"]["dice_mean"] for r in res.rounds]
+    assert len(dice) == 4 and dice[-1] >= dice[0] + 0.10, dice
+    # one training service: rounds after the first pay no start-up (round wall time ~ pure step time)
+    for r in res.rounds[1:]:
+        assert r["timings"]["train_s"] - r["timings"]["train_step_s"] < 5.0

@@ -261,17 +261,15 @@ def validate(segmenter, cases: Sequence[Mapping[str, Any]], num_classes: int) ->
 
     A class absent from both prediction and ground truth is skipped; mean Dice = ``sums.sum() / counts.sum()``.
     """
-    from raylearn.metrics import dice
+    from raylearn.metrics import dice_per_class
 
     sums = np.zeros(num_classes - 1)
     counts = np.zeros(num_classes - 1)
     for case in cases:
-        pred = segmenter.predict_label(np.asarray(case["image"]))
-        gt = np.asarray(case["label"])
-        for c in range(1, num_classes):
-            if (pred == c).any() or (gt == c).any():
-                sums[c - 1] += dice(pred == c, gt == c)
-                counts[c - 1] += 1
+        values, present = dice_per_class(segmenter.predict_label(np.asarray(case["image"])),
+                                         np.asarray(case["label"]), num_classes)
+        sums += np.where(present, values, 0.0)
+        counts += present
     return sums, counts
 
 

@@ -72,7 +72,7 @@ def test_nnunet_config_validation():
 def two_rounds(ray_session, hippocampus_dir, tmp_path_factory):
     """Round 0 (plans made) and round 1 (warm start, same plans) on real hippocampus cases, tiny schedule."""
     from raylearn.data.store import PoolStore, ingest
-    from raylearn.train import fit_round
+    from raylearn.train import fit_round_nnunet as fit_round
 
     root = tmp_path_factory.mktemp("nnunet_hippo")
     ingest(_subset_dataset(hippocampus_dir, root / "raw", 9), root / "store", n_test=1, seed=0, progress=False)

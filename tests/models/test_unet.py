@@ -9,13 +9,15 @@ import torch
 from raylearn.config import ConfigError, parse_config
 from raylearn.models.config import ModelConfig, TrainConfig
 from raylearn.models.training import (
-    dice_sums,
+    CaseCache,
+    batch_indices,
     make_loss,
     make_optimizer,
     make_scheduler,
-    make_train_loader,
+    sample_batch,
     split_validation,
-    train_epoch,
+    train_step,
+    train_transforms,
     validate,
 )
 from raylearn.models.unet import MonaiSegmenter
@@ -103,9 +105,15 @@ def test_mc_dropout_varies_and_is_seeded():
     assert not np.array_equal(mc, seg.predict_mc(img, n_samples=3, seed=6))
     # dropout stays off for plain prediction afterwards
     np.testing.assert_array_equal(seg.predict_proba(img), seg.predict_proba(img))
-    no_drop = MonaiSegmenter(ModelConfig(dropout=0.0, **TINY), 1, 3, device="cpu")
-    with pytest.raises(NotImplementedError, match="dropout"):
-        no_drop.predict_mc(img, 2)
+    # trained without dropout, the network still samples at model.mc_dropout, and keeps p = 0 for training
+    no_drop = MonaiSegmenter(ModelConfig(dropout=0.0, mc_dropout=0.2, **TINY), 1, 3, device="cpu")
+    mc0 = no_drop.predict_mc(img, 2)
+    assert np.abs(mc0[0] - mc0[1]).max() > 1e-4
+    assert all(m.p == 0.0 for m in no_drop.network.modules() if isinstance(m, torch.nn.Dropout3d | torch.nn.Dropout))
+    dyn = MonaiSegmenter(ModelConfig(arch="dynunet", dropout=0.0, **TINY), 1, 3, device="cpu")
+    if not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in dyn.network.modules()):
+        with pytest.raises(NotImplementedError, match="dropout"):
+            dyn.predict_mc(img, 2)
 
 
 def test_tta_first_pass_is_plain_prediction():
@@ -148,13 +156,14 @@ def test_model_config_errors_name_the_key():
 def test_split_validation_deterministic_and_stable():
     cfg = TrainConfig(val_fraction=0.25, seed=0)
     ids = [f"case_{i:02d}" for i in range(12)]
-    tr, va, on_train = split_validation(ids, cfg)
-    assert not on_train and len(va) == 3 and not set(tr) & set(va) and sorted(tr + va) == sorted(ids)
+    tr, va = split_validation(ids, cfg)
+    assert len(va) == 3 and not set(tr) & set(va) and sorted(tr + va) == sorted(ids)
     assert split_validation(list(reversed(ids)), cfg)[1] == sorted(va, key=list(reversed(ids)).index)
     # adding labels keeps most of the validation set
-    _, va2, _ = split_validation(ids + [f"case_{i:02d}" for i in range(12, 16)], cfg)
+    _, va2 = split_validation(ids + [f"case_{i:02d}" for i in range(12, 16)], cfg)
     assert len(set(va) & set(va2)) >= 2
-    assert split_validation(ids[:3], cfg) == (ids[:3], ids[:3], True)
+    assert split_validation(ids[:3], cfg) == (ids[:3], [])  # too few to hold any out
+    assert split_validation(ids, TrainConfig()) == (ids, [])  # by default every labelled case trains
     assert split_validation(ids, TrainConfig(val_ids=["case_01"]))[1] == ["case_01"]
     with pytest.raises(ValueError, match="case_99"):
         split_validation(ids, TrainConfig(val_ids=["case_99"]))
@@ -162,44 +171,62 @@ def test_split_validation_deterministic_and_stable():
         split_validation([], cfg)
 
 
-def test_training_helpers_are_deterministic_and_learn():
-    mcfg = ModelConfig(**TINY)
-    tcfg = TrainConfig(iterations_per_epoch=4, batch_size=2, lr=5e-3)
-    cases = _cases()
+def test_batches_are_shuffled_passes_computable_from_the_step():
+    seen = [i for step in range(6) for i in batch_indices(5, 2, step, [1, 2, 3])]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))  # each pass covers all
+    assert batch_indices(5, 2, 4, [1, 2, 3]) == seen[8:10]  # a resumed run draws the same batch at step 4
+    assert batch_indices(5, 2, 4, [1, 2, 4]) != seen[8:10] or batch_indices(5, 2, 3, [1, 2, 4]) != seen[6:8]
 
-    def run():
+
+def test_schedule_warms_up_then_follows_the_run_budget():
+    net = torch.nn.Linear(2, 2)
+    for kind, last in (("constant", 1e-2), ("cosine", 1e-2 * 0.05), ("poly", 0.0)):
+        cfg = TrainConfig(lr=1e-2, schedule=kind, warmup_steps=4, min_lr_ratio=0.05)
+        opt = make_optimizer(net.parameters(), cfg)
+        sched = make_scheduler(opt, cfg, total_steps=20)
+        lrs = []
+        for _ in range(20):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        assert lrs[0] < lrs[2] < lrs[3] == pytest.approx(1e-2)  # linear warm-up, once for the whole run
+        assert lrs[-1] == pytest.approx(last, abs=1e-6)
+
+
+def test_training_helpers_are_deterministic_and_learn():
+    mcfg = ModelConfig(**{**TINY, "patch_size": (16, 16, 16)})
+    tcfg = TrainConfig(batch_size=2, lr=5e-3, augment={"flip_axes": [2]})
+    cases = _cases()
+    by_id = {c["case_id"]: c for c in cases}
+
+    def run(steps):
         seg = MonaiSegmenter(mcfg, 1, 3, seed=0, device="cpu")
         opt = make_optimizer(seg.network.parameters(), tcfg)
-        sched = make_scheduler(opt, tcfg, 2 * tcfg.iterations_per_epoch)
-        loss_fn = make_loss(3)
-        before = validate(seg.network, cases, seg.inferer(), 3, torch.device("cpu"))
-        torch.manual_seed(0)
-        losses = []
-        for epoch in range(2):
-            loader = make_train_loader(cases, mcfg, tcfg, seed=epoch)
-            stats = train_epoch(seg.network, loader, opt, sched, loss_fn, torch.device("cpu"))
-            assert stats["steps"] == 4
-            losses.append(stats["loss"])
-        after = validate(seg.network, cases, seg.inferer(), 3, torch.device("cpu"))
-        return seg.state_dict(), losses, before, after
+        sched = make_scheduler(opt, tcfg, steps)
+        cache = CaseCache(mcfg.patch_size, lambda cid: (by_id[cid]["image"], by_id[cid]["label"]))
+        assert cache.ensure(list(by_id)) == 3 and cache.ensure(["c0"]) == 0
+        transform = train_transforms(mcfg, tcfg, crop=not cache.whole_volume())
+        before = validate(seg, cases, 3)
+        losses = [train_step(seg.network, *sample_batch(cache, list(by_id), transform, 2, s, [0, 0, 0]), opt, sched,
+                             make_loss(), torch.device("cpu")) for s in range(steps)]
+        return seg.state_dict(), losses, before, validate(seg, cases, 3)
 
-    a, losses, before, after = run()
-    b, losses_b, _, _ = run()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses == losses_b
-    assert losses[-1] < losses[0]
+    a, losses, before, after = run(12)
+    b, losses_b, _, _ = run(12)
+    assert all(torch.equal(a[k], b[k]) for k in a) and losses == losses_b
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert after[0].sum() / after[1].sum() > before[0].sum() / before[1].sum()
 
 
-def test_dice_sums_known_values():
-    gt = torch.zeros(4, 4, 4, dtype=torch.long)
-    gt[:2] = 1
-    pred = torch.zeros_like(gt)
-    pred[:1] = 1
-    pred[3] = 2  # class 2 predicted but absent from ground truth -> Dice 0, counted
-    s, c = dice_sums(pred, gt, 3)
-    np.testing.assert_allclose(s, [2 * 16 / (16 + 32), 0.0])
-    np.testing.assert_array_equal(c, [1, 1])
-    s, c = dice_sums(gt, gt, 4)  # classes 2, 3 absent from both -> skipped
-    np.testing.assert_array_equal(c, [1, 0, 0])
-    np.testing.assert_allclose(s, [1, 0, 0])
+def test_cache_pads_to_the_patch_and_whole_volumes_skip_cropping():
+    cases = _cases(n=2, shape=(20, 24, 20))
+    cache = CaseCache((24, 24, 24), lambda cid: (cases[int(cid[1])]["image"], cases[int(cid[1])]["label"]))
+    cache.ensure(["c0", "c1"])
+    assert cache.whole_volume() and tuple(cache.get("c0")["image"].shape) == (1, 24, 24, 24)
+    # centred zero padding keeps the labels
+    assert int(cache.get("c0")["label"].sum()) == int(cases[0]["label"].sum())
+    small = CaseCache((16, 16, 16), lambda cid: (cases[0]["image"], cases[0]["label"]))
+    small.ensure(["c0"])
+    assert not small.whole_volume()
+    with pytest.raises(ValueError, match="same grid"):
+        CaseCache((16, 16, 16), lambda cid: (cases[0]["image"], cases[0]["label"][:-1])).ensure(["x"])
