@@ -22,12 +22,16 @@ def _base(tmp_path) -> ExperimentConfig:
     }, ExperimentConfig)
 
 
-def test_compare_shares_cold_start_and_writes_table(ray_session, tmp_path):
+def test_compare_shares_cold_start_and_reference_and_writes_table(ray_session, tmp_path):
+    """Round 0 is shared by the strategies of a seed; the full-pool reference gets the run's whole step budget on
+    every pool case and is trained once for all strategies and seeds."""
     from raylearn.compare import compare
     from raylearn.ledger import Ledger
 
+    base = _base(tmp_path)
+    base = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"full_data_reference": True})})
     out = tmp_path / "cmp"
-    res = compare(_base(tmp_path), ["random", "entropy"], [0], out)
+    res = compare(base, ["random", "entropy"], [0, 1], out)
     led_r = Ledger(out / "random" / "seed_0" / "ledger.jsonl", readonly=True)
     led_e = Ledger(out / "entropy" / "seed_0" / "ledger.jsonl", readonly=True)
     assert led_r.selection(0)["ids"] == led_e.selection(0)["ids"]
@@ -37,18 +41,9 @@ def test_compare_shares_cold_start_and_writes_table(ray_session, tmp_path):
     assert [row["strategy"] for row in res["rows"]] == ["random", "entropy"]
     assert all(len(row["dice_mean"]) == 2 for row in res["rows"])
     assert "random" in (out / "compare.md").read_text()
-    assert json.loads((out / "compare.json").read_text())["seeds"] == [0]
+    assert json.loads((out / "compare.json").read_text())["seeds"] == [0, 1]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
-
-def test_full_pool_reference_is_trained_once_per_compare(ray_session, tmp_path):
-    """The reference gets the run's whole step budget on every pool case, once for all strategies and seeds."""
-    from raylearn.compare import compare
-
-    base = _base(tmp_path)
-    base = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"full_data_reference": True})})
-    out = tmp_path / "cmp"
-    res = compare(base, ["random", "entropy"], [0, 1], out)
     rec = json.loads((out / "reference" / "reference.json").read_text())
     assert rec["budget"] == 3 + 1 * 2 and rec["unit"] == "steps" and rec["n_cases"] == 9
     assert sorted(p.name for p in (out / "reference" / "checkpoints").iterdir()) == ["reference.pt"]

@@ -74,6 +74,7 @@ def test_labels_added_while_a_round_is_queued_are_trained(ray_session, store, tm
     assert res.info["labels_version"] == 1 and res.info["n_train"] == 4
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_round_resumes_from_its_checkpoint_exactly(ray_session, store, tmp_path):
     """Ray Train restarts the group; the round continues at step 4 and ends with the uninterrupted weights."""
     ids = store.case_ids("pool")
