@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-all lint install lock clean
+.PHONY: demo test test-slow test-all lint install lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: $(STAMP)
 
 # default + `slow` (job submit, nnU-Net rounds, Tune kill-and-resume, actor kills); `gpu` tests need a GPU.
 # A test that hangs fails after 15 min with its traceback instead of stalling CI.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'slow and not gpu' --timeout=900 --durations=15
+
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not gpu' --timeout=900 --durations=15
 
