@@ -99,6 +99,7 @@ def test_existing_run_refused_without_resume_and_changed_config(reference_run, t
         run_experiment(changed, resume=True, progress=False)
 
 
+@pytest.mark.slow  # a subprocess killed mid-training: minutes, and sensitive to a heavily loaded machine
 def test_kill_9_then_resume_reaches_identical_selections(reference_run):
     """`raylearn run` killed with SIGKILL while training round 0 resumes from the training service's last
     checkpoint (the round is not retrained from step 0) and reaches the uninterrupted run's selections."""
