@@ -32,13 +32,21 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or min(os.cpu_count() or 2, 8),
-        include_dashboard=False,
-        object_store_memory=1024**3,
-        log_to_driver=False,
-    )
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or min(os.cpu_count() or 2, 8),
+                include_dashboard=False,
+                object_store_memory=1024**3,
+                log_to_driver=False,
+            )
+            return
+        except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a loaded machine
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
+            log.warning("the local Ray instance timed out during start-up (machine loaded?); trying once more")
 
 
 def round_seed(seed: int, round_index: int) -> int:

@@ -74,9 +74,16 @@ def test_asha_stops_trials_and_killed_sweep_resumes(tmp_path):
                              "schedule.batch_size": {"grid": [1, 2]}}, rounds=2)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "raylearn.cli", "tune", str(path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log_path = tmp_path / "tune-first.log"  # the interrupted sweep's output, shown when it fails early
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     trials = tmp_path / "sweep" / "trials"
+
+    def tail() -> str:
+        if not log_file.closed:
+            log_file.flush()
+        return log_path.read_text(errors="replace")[-4000:]
 
     def complete() -> list[Path]:  # trials whose ledgers hold all 3 rounds: finished for good
         from raylearn.ledger import Ledger
@@ -91,15 +98,16 @@ def test_asha_stops_trials_and_killed_sweep_resumes(tmp_path):
     try:
         while time.time() < deadline and proc.poll() is None and not complete():
             time.sleep(1)
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert proc.poll() is None, f"the sweep ended (rc {proc.returncode}) before it could be interrupted:\n{tail()}"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+        log_file.close()
     finished = {d.name: (d / "ledger.jsonl").read_bytes() for d in complete()}
-    assert finished, "no trial finished before the kill"
+    assert finished, f"no trial finished in 900 s before the kill:\n{tail()}"
     before = {d.name: (d / "ledger.jsonl").read_bytes() for d in trials.glob("*") if (d / "ledger.jsonl").is_file()}
     rc = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert rc.returncode == 0, rc.stderr[-3000:]
