@@ -3,7 +3,10 @@
 For each seed the cold-start set is shared across strategies (the first strategy's round-0 selection
 is re-used by the others), as the papers do. Runs land in ``<out>/<strategy>/seed_<s>`` and are
 resumable; the table (mean ± sd Dice at each labelled %, ALC, S% = least labelled % reaching the
-full-data Dice) goes to ``compare.md`` / ``compare.json`` and the plot to ``compare.png``.
+full-data Dice, S95% = the same for 95 % of it, the share of the pool's foreground labelled and nnActive's
+foreground efficiency) and a seed-paired comparison of every strategy against the best random baseline
+(``random`` / ``fg_random`` / ``fg_random33``, by ALC) go to ``compare.md`` / ``compare.json``, the plot (Dice
+against % labelled and against % of the foreground labelled) to ``compare.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from raylearn.config import ConfigError
-from raylearn.curves import format_table, plot_compare, summarise_runs
+from raylearn.curves import (
+    best_random_baseline,
+    format_paired,
+    format_table,
+    paired_comparison,
+    plot_compare,
+    summarise_runs,
+)
 from raylearn.experiment import ExperimentConfig, load_experiment
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,7 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = base.data.store or str(out / "store")
-    curves: dict[str, list[list[tuple[float, float]]]] = {s: [] for s in strategies}
+    curves: dict[str, list[list[tuple]]] = {s: [] for s in strategies}
     references: list[float] = []
     # the full-pool reference is trained once for the whole comparison (by the first run) and reused
     reference_dir = out / "reference" if base.evaluate.full_data_reference else None
@@ -58,16 +68,21 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
             cfg = base.model_copy(update=update)
             log.info("compare: %s seed %d -> %s", name, seed, run_dir)
             res = run_experiment(cfg, resume=resume, cold_start_from=first_dir, reference_dir=reference_dir)
-            curves[name].append([(r["fraction_labelled"], r["metrics"].get("dice_mean", float("nan")))
-                                 for r in res.rounds])
+            curves[name].append([(r["fraction_labelled"], r["metrics"].get("dice_mean", float("nan")),
+                                  r.get("fraction_fg_labelled")) for r in res.rounds])
             if res.summary.get("full_data_dice") is not None and not references:
                 references.append(res.summary["full_data_dice"])
             first_dir = first_dir or run_dir
     reference = float(sum(references) / len(references)) if references else None
     rows = summarise_runs(curves, reference=reference)
     table = format_table(rows)
+    baseline = best_random_baseline(rows)
+    paired = paired_comparison(rows, baseline) if baseline is not None and len(rows) > 1 else []
+    if paired:
+        table += (f"\n\nPaired by seed against the best random baseline ({baseline}, by ALC):\n"
+                  + format_paired(paired, rows[0]["fractions"]))
     result = {"strategies": list(strategies), "seeds": list(seeds), "reference_dice": reference, "rows": rows,
-              "table": table}
+              "baseline": baseline, "paired": paired, "table": table}
     tmp = out / "compare.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "compare.json")

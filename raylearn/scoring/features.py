@@ -7,7 +7,13 @@ when ``tta_variance`` is requested too), one ``predict_mc`` shared by the MC-dro
 
 - scalar scores: ``float32`` 0-d arrays, higher = more uncertain;
 - ``embedding`` / ``weighted_embedding``: ``float16 [F]``;
-- ``fg_volume``: ``float32 [K-1]`` predicted voxels per foreground class.
+- ``fg_volume``: ``float32 [K-1]`` predicted voxels per foreground class;
+- ``class_entropy``: ``float32 [K]`` ClaSP PE's stratum scores (volume means of the maps of
+  :func:`raylearn.scoring.uncertainty.class_weighted_entropy`).
+
+:data:`LABEL_FEATURES` are not computed from a model but read from the ground truth the pool store recorded at
+ingest (simulated oracle only): the driver fills them with :func:`label_feature_records`, the shards never see
+them. nnActive's foreground-aware random baselines need them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from raylearn.models.base import Segmenter
 from raylearn.scoring import uncertainty as unc
 from raylearn.scoring.reduce import foreground_volume, reduce_map
 
-__all__ = ["FEATURES", "FeatureParams", "FeatureSpec", "compute_features", "model_calls_for", "validate_feature_names"]
+__all__ = [
+    "FEATURES",
+    "LABEL_FEATURES",
+    "FeatureParams",
+    "FeatureSpec",
+    "compute_features",
+    "label_feature_records",
+    "model_calls_for",
+    "model_features",
+    "validate_feature_names",
+]
 
 
 @dataclass(frozen=True)
@@ -52,9 +68,23 @@ FEATURES: dict[str, FeatureSpec] = {
         "vector",
     ),
     "fg_volume": FeatureSpec("predicted voxels per foreground class, float32 [K-1]", _P, "vector"),
+    "class_entropy": FeatureSpec(
+        "ClaSP PE stratum scores, float32 [K]: volume mean of the predictive entropy H ([0]) and of H * p_c ([c])",
+        _P,
+        "vector",
+    ),
 }
 
-_PROB = {"least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding"}
+#: features read from the store's ground truth (``class_voxels`` of the manifest), never from a model
+LABEL_FEATURES: dict[str, FeatureSpec] = {
+    "label_class_voxels": FeatureSpec(
+        "ground-truth voxels per foreground class, float32 [K-1] (from the pool store; simulated oracle only)",
+        frozenset(),
+        "vector",
+    ),
+}
+
+_PROB = {"least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding", "class_entropy"}
 _MC = {"mc_entropy", "bald", "mc_variance"}
 
 
@@ -82,18 +112,61 @@ class FeatureParams(StrictModel):
         return [tuple(a) for a in flips]
 
 
-def validate_feature_names(names: Iterable[str]) -> list[str]:
-    """Return the unique names in order, or raise ``ValueError`` naming unknown ones and listing the known."""
+def validate_feature_names(names: Iterable[str], allow_label: bool = False) -> list[str]:
+    """Return the unique names in order, or raise ``ValueError`` naming unknown ones and listing the known.
+
+    ``allow_label`` also accepts the ground-truth :data:`LABEL_FEATURES` (strategies may require them; a model
+    never computes them)."""
     out = list(dict.fromkeys(names))
-    unknown = [n for n in out if n not in FEATURES]
+    known = {**FEATURES, **LABEL_FEATURES} if allow_label else FEATURES
+    unknown = [n for n in out if n not in known]
     if unknown:
-        raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(sorted(FEATURES))}")
+        raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(sorted(known))}")
+    return out
+
+
+def model_features(names: Iterable[str]) -> list[str]:
+    """The names (sorted) a model computes, i.e. without the ground-truth :data:`LABEL_FEATURES`."""
+    return sorted(n for n in validate_feature_names(names, allow_label=True) if n not in LABEL_FEATURES)
+
+
+def label_feature_records(store, ids: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Ground-truth features of ``ids`` from the store's manifest: ``{case id: {name: array}}``.
+
+    Only ``label_class_voxels`` exists: ``float32 [K-1]``, the case's voxels of each foreground class as counted
+    at ingest (manifest column ``class_voxels``, ``[K]`` with the background first).
+
+    Args:
+        store: a :class:`raylearn.data.store.PoolStore` (anything with a ``manifest`` DataFrame and ``labels``).
+        ids: case ids.
+        names: label feature names (others are ignored).
+
+    Raises:
+        ValueError: a case has no ground truth recorded (an unlabelled dataset: these features need the
+            simulated oracle).
+    """
+    wanted = [n for n in names if n in LABEL_FEATURES]
+    if not wanted:
+        return {}
+    table = store.manifest.set_index("case_id")
+    k = len(getattr(store, "labels", {}) or {}) or None
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for cid in ids:
+        counts = table.at[cid, "class_voxels"] if "class_voxels" in table.columns else None
+        if counts is None or (isinstance(counts, float) and np.isnan(counts)):
+            raise ValueError(f"feature 'label_class_voxels': case {cid!r} has no ground-truth label in the store "
+                             "(foreground-aware random needs the simulated oracle's labels)")
+        arr = np.asarray(counts, dtype=np.float64).ravel()
+        if k is not None and arr.size < k:
+            arr = np.pad(arr, (0, k - arr.size))
+        out[cid] = {"label_class_voxels": arr[1:].astype(np.float32)}
     return out
 
 
 def model_calls_for(names: Iterable[str], params: FeatureParams | None = None) -> dict[str, int]:
-    """The segmenter calls :func:`compute_features` makes for ``names`` (method name -> count)."""
-    names = set(validate_feature_names(names))
+    """The segmenter calls :func:`compute_features` makes for ``names`` (method name -> count); ground-truth
+    :data:`LABEL_FEATURES` need none."""
+    names = set(model_features(names))
     params = params or FeatureParams()
     calls: dict[str, int] = {}
     if names & {"tta_variance"}:
@@ -145,7 +218,7 @@ def compute_features(
 
     Returns:
         ``{name: array}`` with exactly the requested names: scalars as ``float32`` 0-d arrays, embeddings
-        ``float16 [F]``, ``fg_volume`` ``float32 [K-1]``.
+        ``float16 [F]``, ``fg_volume`` ``float32 [K-1]``, ``class_entropy`` ``float32 [K]``.
     """
     wanted = set(validate_feature_names(names))
     params = params or FeatureParams()
@@ -185,6 +258,10 @@ def compute_features(
                 out[name] = _scalar(reduce_map(vmap(name), labels=labels, **red))
         if "fg_volume" in wanted:
             out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
+        if "class_entropy" in wanted:  # always the plain volume mean: nnActive averages over the queried region
+            out["class_entropy"] = unc.class_weighted_entropy(probs).mean(axis=(1, 2, 3), dtype=np.float64).astype(
+                np.float32
+            )
         if "weighted_embedding" in wanted:
             emb = _call(segmenter, "embed", wanted, image, weights=vmap(params.weight_map))
             out["weighted_embedding"] = np.asarray(emb, dtype=np.float32).ravel().astype(np.float16)

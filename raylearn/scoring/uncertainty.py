@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "EPS",
     "bald",
+    "class_weighted_entropy",
     "entropy",
     "least_confidence",
     "margin",
@@ -69,6 +70,28 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     """
     probs = _check_probs(probs, 4, "entropy")
     return (-(probs * np.log(np.clip(probs, EPS, 1.0))).sum(axis=0)).astype(np.float32)
+
+
+def class_weighted_entropy(probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy and its class-weighted copies: the score maps of ClaSP PE.
+
+    Channel 0 is the predictive entropy ``H = -sum_k p_k log p_k``; channel ``c >= 1`` is ``H * p_c``, the
+    entropy weighted by the probability of foreground class ``c``. It mirrors nnActive's
+    ``Probs.class_pred_entropy`` (MIC-DKFZ/nnActive ``nnactive/strategies/uncertainties.py`` lines 109-135),
+    which returns ``[H * p_0, ..., H * p_{K-1}, H]``; nnActive never reads the background channel, so here the
+    unweighted ``H`` takes its place at index 0.
+
+    Args:
+        probs: ``[K, D, H, W]`` class probabilities.
+
+    Returns:
+        ``float32 [K, D, H, W]``.
+    """
+    probs = _check_probs(probs, 4, "class_weighted_entropy")
+    h = entropy(probs)
+    out = probs * h[None]
+    out[0] = h
+    return out.astype(np.float32, copy=False)
 
 
 def margin(probs: np.ndarray) -> np.ndarray:

@@ -39,11 +39,17 @@ class PoolView:
             ``fg_volume`` ``[N, K-1]``. Rows of labelled cases may be NaN (not scored) except for strategies whose
             :meth:`QueryStrategy.needs_labeled_features` is True (k-center, TypiClust, ProbCover use the
             labelled cases' embeddings).
+        round_index: which round the selection is for (``1..n_rounds`` for query rounds, 0 for the cold start),
+            or None when unknown. Scheduled strategies (ClaSP PE's noise schedule) read it.
+        n_rounds: number of query rounds after the cold start in the whole experiment (``schedule.rounds``), or
+            None when unknown.
     """
 
     ids: np.ndarray
     labeled_mask: np.ndarray
     features: Mapping[str, np.ndarray] = field(default_factory=dict)
+    round_index: int | None = None
+    n_rounds: int | None = None
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)
@@ -64,6 +70,12 @@ class PoolView:
             if arr.ndim == 0 or arr.shape[0] != len(ids):
                 raise ValueError(f"PoolView feature {name!r} has shape {arr.shape}; axis 0 must match {len(ids)} ids")
             feats[name] = arr
+        for name in ("round_index", "n_rounds"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0):
+                raise ValueError(f"PoolView.{name} must be a non-negative integer or None, got {v!r}")
+        if self.round_index is not None and self.n_rounds is not None and self.round_index > self.n_rounds:
+            raise ValueError(f"PoolView.round_index {self.round_index} exceeds n_rounds {self.n_rounds}")
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "labeled_mask", mask)
         object.__setattr__(self, "features", MappingProxyType(feats))
@@ -79,7 +91,12 @@ class PoolView:
 
     @classmethod
     def from_records(
-        cls, ids: list[str], labeled: set[str] | list[str], records: Mapping[str, Mapping[str, np.ndarray]]
+        cls,
+        ids: list[str],
+        labeled: set[str] | list[str],
+        records: Mapping[str, Mapping[str, np.ndarray]],
+        round_index: int | None = None,
+        n_rounds: int | None = None,
     ) -> PoolView:
         """Build a view from per-case feature dicts (as returned by ``compute_features``).
 
@@ -88,6 +105,8 @@ class PoolView:
             labeled: ids already labelled.
             records: case id -> {feature: array}; every id must have the same feature names. Labelled cases
                 may be missing; their rows are filled with NaN.
+            round_index: see the class attributes.
+            n_rounds: see the class attributes.
         """
         labeled = set(labeled)
         names: set[str] | None = None
@@ -106,7 +125,7 @@ class PoolView:
             rows = [np.asarray(records[c][name]) if c in records else missing for c in ids]
             feats[name] = np.stack(rows)
         mask = np.array([c in labeled for c in ids], dtype=bool)
-        return cls(np.asarray(ids, dtype=str), mask, feats)
+        return cls(np.asarray(ids, dtype=str), mask, feats, round_index=round_index, n_rounds=n_rounds)
 
 
 class configurable_requires:  # noqa: N801  (used like a constant in class bodies)
@@ -145,6 +164,10 @@ class QueryStrategy(ABC):
         ``instance.requires`` returns the same set (see :class:`configurable_requires`).
         """
         return type(self).requires
+
+    def check_params(self) -> None:  # noqa: B027  (a hook: most strategies have nothing to check)
+        """Validate the hyperparameters; raise ``ValueError`` naming the bad one. :func:`build_strategy` calls it,
+        so a config is refused before any round runs. Default: nothing to check."""
 
     def needs_labeled_features(self) -> bool:
         """Whether :meth:`select` also reads the required features of the *labelled* cases (so the pool must
@@ -245,9 +268,14 @@ def build_strategy(name: str, **params: Any) -> QueryStrategy:
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
     strategy = cls(**params)
-    from raylearn.scoring.features import FEATURES
+    from raylearn.scoring.features import FEATURES, LABEL_FEATURES
 
-    bad = sorted(strategy.required_features() - set(FEATURES))
+    known = set(FEATURES) | set(LABEL_FEATURES)
+    bad = sorted(strategy.required_features() - known)
     if bad:
-        raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(FEATURES))}")
+        raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(known))}")
+    try:
+        strategy.check_params()
+    except ValueError as err:
+        raise ValueError(f"strategy {name!r}: {err}") from None
     return strategy

@@ -79,6 +79,8 @@ def test_single_feature_exact_key_and_calls(name):
         assert arr.shape == () and arr.dtype == np.float32 and np.isfinite(arr)
     elif "embedding" in name:
         assert arr.shape == (3,) and arr.dtype == np.float16
+    elif name == "class_entropy":  # [K]: H, then H * p_c per foreground class
+        assert arr.shape == (3,) and arr.dtype == np.float32
     else:
         assert arr.shape == (2,) and arr.dtype == np.float32
 

@@ -7,11 +7,12 @@ import copy
 import numpy as np
 import pytest
 
-from raylearn.scoring.features import FEATURES
+from raylearn.scoring.features import FEATURES, LABEL_FEATURES
 from raylearn.strategies import STRATEGIES, PoolView, build_strategy
 
 #: strategies whose selection depends on the seed even when the features have no ties
-RANDOMISED = {"random", "fg_random", "power", "fps"}
+RANDOMISED = {"random", "fg_random", "fg_random33", "power", "fps", "clasp_pe"}
+KNOWN = set(FEATURES) | set(LABEL_FEATURES)
 
 
 def synthetic_pool(n=40, n_labeled=8, seed=0) -> PoolView:
@@ -24,9 +25,14 @@ def synthetic_pool(n=40, n_labeled=8, seed=0) -> PoolView:
     fg = rng.integers(0, 50, size=(n, 2)).astype(np.float32)
     fg[rng.random(n) < 0.3, 1] = 0
     feats["fg_volume"] = fg
+    feats["class_entropy"] = rng.random((n, 3)).astype(np.float32)
+    gt = rng.integers(0, 50, size=(n, 2)).astype(np.float32)
+    gt[rng.random(n) < 0.3] = 0
+    feats["label_class_voxels"] = gt
     mask = np.zeros(n, bool)
     mask[rng.choice(n, n_labeled, replace=False)] = True
-    return PoolView(np.array([f"case_{i:03d}" for i in range(n)]), mask, feats)
+    # round 2 of 5 (scheduled strategies read it; the others ignore it)
+    return PoolView(np.array([f"case_{i:03d}" for i in range(n)]), mask, feats, round_index=2, n_rounds=5)
 
 
 def snapshot(pool: PoolView):
@@ -39,8 +45,8 @@ def test_strategy_contract(name, n_labeled, budget):
     pool = synthetic_pool(n_labeled=n_labeled)
     before = snapshot(pool)
     strat = build_strategy(name, random_state=7)
-    assert strat.required_features() <= set(FEATURES), "requires names an unknown feature"
-    assert isinstance(type(strat).requires, frozenset) and type(strat).requires <= set(FEATURES)
+    assert strat.required_features() <= KNOWN, "requires names an unknown feature"
+    assert isinstance(type(strat).requires, frozenset) and type(strat).requires <= KNOWN
     assert strat.requires == strat.required_features()
     params_before = copy.deepcopy(strat.get_params())
 
@@ -83,13 +89,13 @@ def test_strategy_errors(name):
     if needed:
         feats = {k: v for k, v in pool.features.items() if k != needed[0]}
         with pytest.raises(ValueError, match=f"lacks required feature.*{needed[0]}"):
-            strat.select(PoolView(pool.ids, pool.labeled_mask, feats), 2)
+            strat.select(PoolView(pool.ids, pool.labeled_mask, feats, round_index=2, n_rounds=5), 2)
         bad = dict(pool.features)
         arr = bad[needed[0]].astype(np.float32).copy()
         arr[np.flatnonzero(~pool.labeled_mask)[0]] = np.nan
         bad[needed[0]] = arr
         with pytest.raises(ValueError, match="non-finite"):
-            strat.select(PoolView(pool.ids, pool.labeled_mask, bad), 2)
+            strat.select(PoolView(pool.ids, pool.labeled_mask, bad, round_index=2, n_rounds=5), 2)
 
 
 def test_build_strategy_errors():
@@ -144,7 +150,7 @@ def test_labelled_rows_may_be_unscored_unless_the_strategy_uses_them(name):
         v = v.astype(np.float32)
         v[pool.labeled_mask] = np.nan
         feats[k] = v
-    nan_pool = PoolView(pool.ids, pool.labeled_mask, feats)
+    nan_pool = PoolView(pool.ids, pool.labeled_mask, feats, round_index=2, n_rounds=5)
     strat = build_strategy(name, random_state=3)
     if strat.needs_labeled_features():
         with pytest.raises(ValueError, match="missing \\(non-finite\\) for labelled cases"):

@@ -81,13 +81,16 @@ def test_probcover_covers_the_densest_region_first():
     assert {int(s[1:]) < 10 for s in sel} == {True, False}
 
 
-def test_fg_random_prefers_cases_covering_every_class():
+def test_fg_random_predicted_cover_prefers_cases_covering_every_class():
+    """The earlier fg_random rule, kept as ``variant: predicted_cover``."""
     fg = np.array([[5, 5], [5, 0], [0, 5], [5, 5], [0, 0], [9, 1]], float)
     pool = view(6, fg_volume=fg)
+    cover = {"variant": "predicted_cover"}
     for seed in range(5):
-        assert set(build_strategy("fg_random", random_state=seed).select(pool, 3).tolist()) == {"c0", "c3", "c5"}
+        sel = build_strategy("fg_random", random_state=seed, **cover).select(pool, 3).tolist()
+        assert set(sel) == {"c0", "c3", "c5"}
     # too few eligible: all eligible first, then random fill
-    sel = build_strategy("fg_random", min_voxels=5, random_state=1).select(pool, 3).tolist()
+    sel = build_strategy("fg_random", min_voxels=5, random_state=1, **cover).select(pool, 3).tolist()
     assert set(sel[:2]) == {"c0", "c3"} and sel[2] in {"c1", "c2", "c4", "c5"}
 
 
