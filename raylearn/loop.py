@@ -26,7 +26,7 @@ from raylearn.config import ConfigError
 from raylearn.experiment import ExperimentConfig, load_experiment
 from raylearn.ledger import Ledger, config_hash
 from raylearn.oracle import SimulatedOracle
-from raylearn.outputs import round_line, summary, write_outputs, write_summary
+from raylearn.outputs import foreground_cost, pool_foreground_voxels, round_line, summary, write_outputs, write_summary
 from raylearn.runtime import ensure_ray, ensure_store, resolved_model, round_seed
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,13 @@ def _strategy(cfg: ExperimentConfig, r: int):
 
 
 def _features(pool, checkpoint: str, strategy, cfg: ExperimentConfig, pool_ids: list[str],
-              labeled: list[str]):
-    """The strategy's features for every pool case (labelled ones only when it reads them) as a PoolView."""
+              labeled: list[str], round_index: int | None = None, store=None):
+    """The strategy's features for every pool case (labelled ones only when it reads them) as a PoolView: model
+    features from the shards, ground-truth ones (``LABEL_FEATURES``) from the store; the view knows its round."""
+    from raylearn.scoring.features import label_feature_records, model_features
     from raylearn.strategies import PoolView
 
-    needs = sorted(strategy.requires)
+    needs = model_features(strategy.requires)
     records: dict[str, dict[str, np.ndarray]] = {}
     if needs:
         res = pool.score(checkpoint, needs, cfg.features)
@@ -76,9 +78,16 @@ def _features(pool, checkpoint: str, strategy, cfg: ExperimentConfig, pool_ids: 
             records[str(cid)] = {name: col[k] for name, col in res["features"].items()}
         if strategy.needs_labeled_features():
             records.update(pool.score_cases(checkpoint, labeled, needs, cfg.features))
+    gt_needs = sorted(set(strategy.requires) - set(needs))
+    if gt_needs:
+        ids = pool_ids if strategy.needs_labeled_features() else [c for c in pool_ids if c not in set(labeled)]
+        for cid, rec in label_feature_records(store, ids, gt_needs).items():
+            records.setdefault(cid, {}).update(rec)
+    ctx = {"round_index": round_index, "n_rounds": cfg.schedule.rounds}
     if not records:
-        return PoolView(ids=np.asarray(pool_ids, dtype=str), labeled_mask=np.isin(pool_ids, labeled), features={})
-    return PoolView.from_records(pool_ids, set(labeled), records)
+        return PoolView(ids=np.asarray(pool_ids, dtype=str), labeled_mask=np.isin(pool_ids, labeled), features={},
+                        **ctx)
+    return PoolView.from_records(pool_ids, set(labeled), records, **ctx)
 
 
 def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
@@ -126,6 +135,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     """
     from raylearn.pool import ShardedPool
     from raylearn.reference import full_pool_reference, mean_metrics
+    from raylearn.scoring.features import model_features
     from raylearn.train.backends import make_round_trainer
 
     out = Path(cfg.output_dir)
@@ -134,6 +144,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     ensure_ray()
     store = ensure_store(cfg, progress=progress)
     pool_ids, test_ids = sorted(store.case_ids("pool")), sorted(store.case_ids("test"))
+    pool_fg = pool_foreground_voxels(store, pool_ids)  # denominator of the foreground cost (None if unknown)
     if cfg.evaluate.max_test_cases:
         test_ids = test_ids[: cfg.evaluate.max_test_cases]
     if not pool_ids or not test_ids:
@@ -190,14 +201,14 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     log.info("budget spent after %d cases; stopping", len(labeled))
                     break
                 name, strategy = _strategy(cfg, r)
-                if strategy.requires and checkpoint is None:
+                if model_features(strategy.requires) and checkpoint is None:
                     raise ConfigError(f"strategy {name!r} needs features {sorted(strategy.requires)}, which need a "
                                       "trained model; use a feature-free cold_start strategy (e.g. random)")
                 if prefetched is not None and prefetched[0] == r:
                     view, timings["score_s"] = prefetched[1], prefetched[2]
                 else:
                     t0 = time.perf_counter()
-                    view = _features(pool, checkpoint, strategy, cfg, pool_ids, labeled)
+                    view = _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r, store)
                     timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 chosen = [str(c) for c in strategy.select(view, budget)]
@@ -221,7 +232,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 _, nxt = _strategy(cfg, r + 1)
                 if nxt.requires:  # score for the next round while the shards evaluate this one
                     t1 = time.perf_counter()
-                    prefetched = (r + 1, _features(pool, checkpoint, nxt, cfg, pool_ids, labeled),
+                    prefetched = (r + 1, _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1, store),
                                   time.perf_counter() - t1)
             metrics = mean_metrics(pool.collect_evaluate(pending, checkpoint, metric_kw))
             timings["eval_s"] = time.perf_counter() - t0 - (prefetched[2] if prefetched else 0.0)
@@ -229,6 +240,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 "round", round=r, selected=chosen, scores=scores, n_labeled=len(labeled),
                 fraction_labelled=len(labeled) / len(pool_ids), metrics=metrics, timings=timings,
                 checkpoint=checkpoint, train_info=info, annotated_fg_voxels=receipt.foreground_voxels,
+                **foreground_cost(rounds, receipt.foreground_voxels, pool_fg),
                 config_hash=chash)
             rounds.append(rec)
             print(round_line(rec), flush=True)
