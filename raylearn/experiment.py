@@ -117,12 +117,29 @@ class ColdStartConfig(StrictModel):
 
 class ScheduleConfig(StrictModel):
     """How long the run lasts: ``rounds`` query rounds of ``batch_size`` cases after the cold start,
-    stopping early when ``max_labeled`` cases or ``max_fraction`` of the pool are labelled."""
+    stopping early when ``max_labeled`` cases or ``max_fraction`` of the pool are labelled.
+
+    ``mode`` (see :mod:`raylearn.annotation.schedule`): ``sync`` labels each round's selection, then trains (the
+    papers' protocol); ``async`` lets people label while the model trains: a round starts when
+    ``labels_per_round`` new labels arrived (default ``batch_size``) or ``round_timer_s`` passed with at least
+    one, the trainer takes labels arriving mid-round, and suggestions (``batch_size + lookahead`` ranked cases)
+    skip cases someone holds a lease on. ``simulated_annotators`` / ``simulated_delay_s``: with
+    ``oracle: simulated`` in async mode, that many in-process annotators label each case after a delay drawn
+    uniformly from the range (seconds). ``label_timeout_s``: how long a round waits for labels (None: for ever).
+    """
 
     rounds: int = Field(5, ge=0)
     batch_size: int = Field(5, ge=1)
     max_labeled: int | None = Field(None, ge=1)
     max_fraction: float | None = Field(None, gt=0, le=1)
+    mode: Literal["sync", "async"] = "sync"
+    labels_per_round: int | None = Field(None, ge=1)
+    round_timer_s: float = Field(120.0, gt=0)
+    lookahead: int = Field(4, ge=0)
+    lease_s: float = Field(900.0, gt=0)
+    label_timeout_s: float | None = Field(None, gt=0)
+    simulated_annotators: int = Field(2, ge=1, le=64)
+    simulated_delay_s: tuple[float, float] = (0.0, 0.0)
 
 
 class EvaluateConfig(StrictModel):
@@ -148,7 +165,7 @@ class ExperimentConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     pool: PoolConfig = PoolConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-    oracle: Literal["simulated"] = "simulated"
+    oracle: Literal["simulated", "human"] = "simulated"
 
     @model_validator(mode="after")
     def _check_strategies(self) -> ExperimentConfig:

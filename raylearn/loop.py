@@ -25,7 +25,6 @@ import numpy as np
 from raylearn.config import ConfigError
 from raylearn.experiment import ExperimentConfig, load_experiment
 from raylearn.ledger import Ledger, config_hash
-from raylearn.oracle import SimulatedOracle
 from raylearn.outputs import foreground_cost, pool_foreground_voxels, round_line, summary, write_outputs, write_summary
 from raylearn.runtime import ensure_ray, ensure_store, resolved_model, round_seed
 
@@ -172,10 +171,14 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             on_round(rounds[i], rounds[: i + 1])
 
     class_names = {int(k): v for k, v in store.labels.items()}
-    oracle = SimulatedOracle(store)
+    from raylearn.annotation import LabelledStore, LabelStore
+    from raylearn.annotation.schedule import attach_run, make_schedule
+
+    labels = LabelStore(out / "labels", known_ids=set(pool_ids))  # the only labels training reads
+    schedule = make_schedule(cfg, store, labels, attach_run(out, cfg, store, labels, pool_ids), pool_ids)
     train_cfg = cfg.train.model_copy(update={"storage_path": str((out / "ray_train").resolve())})
     n_rounds = 1 + cfg.schedule.rounds
-    trainer = make_round_trainer(store, model_cfg, train_cfg, out, cfg.schedule.rounds,
+    trainer = make_round_trainer(LabelledStore(store, labels), model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
                                  step_hook=step_hook)
     started = len(rounds) < n_rounds
@@ -211,16 +214,21 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     view = _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r, store)
                     timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                chosen = [str(c) for c in strategy.select(view, budget)]
+                view = schedule.view(view, labeled)  # async: cases labelled or leased meanwhile are taken
+                chosen = [str(c) for c in strategy.select(view, schedule.budget(budget, view))]
                 timings["select_s"] = time.perf_counter() - t0
                 scores = _selected_scores(view, chosen)
                 ledger.append("selected", round=r, ids=chosen, scores=scores, strategy=name)
-            receipt = oracle.label(chosen)
+            chosen, receipt = schedule.collect(r, chosen, labeled, checkpoint)
             labeled.extend(chosen)
             pool.mark_labeled(chosen)
 
             t0 = time.perf_counter()
-            checkpoint, info = trainer.fit(r, list(labeled), seed=round_seed(cfg.seed, r) % 2**31)
+            checkpoint, info, added = schedule.fit(trainer, r, labeled, seed=round_seed(cfg.seed, r) % 2**31)
+            if added:  # async: labels that arrived while the round trained
+                labeled.extend(added)
+                pool.mark_labeled(added)
+                chosen = [*chosen, *added]
             timings["train_s"] = time.perf_counter() - t0
             timings["train_step_s"] = float(info.get("train_s", 0.0))
 
@@ -243,11 +251,13 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 **foreground_cost(rounds, receipt.foreground_voxels, pool_fg),
                 config_hash=chash)
             rounds.append(rec)
+            schedule.round_done(r, checkpoint)
             print(round_line(rec), flush=True)
             if on_round is not None:
                 on_round(rec, rounds)
             write_outputs(out, rounds, class_names, None, cfg.name)
     finally:
+        schedule.close()
         pool.shutdown()
         if started:
             trainer.stop()

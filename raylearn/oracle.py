@@ -1,18 +1,29 @@
-"""Oracles: who supplies labels for the cases a strategy selects.
+"""Oracles: who supplies labels for the cases a strategy selects. Both write into the label store
+(:class:`raylearn.annotation.labels.LabelStore`), the only place training reads labels from.
 
-``SimulatedOracle`` reveals the held-back ground truth already in the pool store (the papers'
-simulation). A live oracle (annotators feeding masks over HTTP) implements the same interface.
+``SimulatedOracle`` reveals the held-back ground truth of the pool store (the papers' simulation) by writing it
+into the label store as ``source="simulated"`` labels, so simulated runs exercise the real path.
+``HumanOracle`` waits until people have uploaded ``final`` labels through the annotation API
+(:mod:`raylearn.serve.annotation_api`), which writes them into the same store.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Oracle", "SimulatedOracle", "LabelReceipt"]
+__all__ = ["HumanOracle", "LabelReceipt", "Oracle", "OracleTimeout", "SimulatedOracle", "make_oracle"]
+
+log = logging.getLogger(__name__)
+
+
+class OracleTimeout(TimeoutError):
+    """People did not label the requested cases in time."""
 
 
 @dataclass
@@ -34,14 +45,20 @@ class Oracle(ABC):
 
 
 class SimulatedOracle(Oracle):
-    """Reveals ground-truth labels held in a :class:`raylearn.data.store.PoolStore`.
+    """Reveals ground-truth labels held in a :class:`raylearn.data.store.PoolStore` into a label store.
+
+    Args:
+        store: the pool store holding the ground truth.
+        labels: the run's :class:`~raylearn.annotation.labels.LabelStore`; each revealed label is written there
+            durably (``source="simulated"``, annotator ``"simulated"``; re-revealing is idempotent).
 
     Raises:
         ValueError: when a case has no ground-truth label, or is unknown to the store.
     """
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, labels) -> None:
         self.store = store
+        self.labels = labels
         self.revealed: list[str] = []
 
     def label(self, ids: Sequence[str]) -> LabelReceipt:
@@ -58,5 +75,46 @@ class SimulatedOracle(Oracle):
             receipt.voxels += int(case.label.size)
             receipt.foreground_voxels += fg
             receipt.per_case[cid] = fg
+            self.labels.put(cid, case.label, "simulated", "simulated")
             self.revealed.append(cid)
         return receipt
+
+
+class HumanOracle(Oracle):
+    """Labels come from people through the annotation API; ``label(ids)`` waits until all are in the store.
+
+    Args:
+        labels: the run's label store (the API writes ``final`` labels into it).
+        timeout_s: give up (:class:`OracleTimeout`) after this many seconds; None waits for ever.
+        poll_s: how often the store is checked.
+    """
+
+    def __init__(self, labels, timeout_s: float | None = None, poll_s: float = 0.5) -> None:
+        self.labels, self.timeout_s, self.poll_s = labels, timeout_s, poll_s
+
+    def label(self, ids: Sequence[str]) -> LabelReceipt:
+        t0 = time.monotonic()
+        want = [str(i) for i in ids]
+        while True:
+            missing = [c for c in want if self.labels.latest(c) is None]
+            if not missing:
+                break
+            if self.timeout_s is not None and time.monotonic() - t0 > self.timeout_s:
+                raise OracleTimeout(f"no label after {self.timeout_s:g} s for {len(missing)} case(s): {missing[:5]}")
+            time.sleep(self.poll_s)
+        receipt = LabelReceipt(ids=want)
+        for cid in want:
+            rec = self.labels.latest(cid)
+            receipt.voxels += int(np.prod(rec.shape))
+            receipt.foreground_voxels += rec.foreground_voxels
+            receipt.per_case[cid] = rec.foreground_voxels
+        return receipt
+
+
+def make_oracle(kind: str, store, labels, timeout_s: float | None = None) -> Oracle:
+    """The experiment's oracle (``oracle: simulated | human``), writing into / reading from ``labels``."""
+    if kind == "simulated":
+        return SimulatedOracle(store, labels)
+    if kind == "human":
+        return HumanOracle(labels, timeout_s=timeout_s)
+    raise ValueError(f"oracle: unknown kind {kind!r} (simulated, human)")

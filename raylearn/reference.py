@@ -71,6 +71,12 @@ def full_pool_reference(cfg, model_cfg, store, pool_ids: list[str], test_ids: li
     unit = "epochs" if model_cfg.backend == "nnunet" else "steps"
     log.info("training the full-pool reference on %d cases (%d %s)", len(pool_ids), budget, unit)
     train_cfg = cfg.train.model_copy(update={"seed": cfg.seed})
+    from raylearn.annotation import LabelledStore, LabelStore
+    from raylearn.oracle import SimulatedOracle
+
+    labels = LabelStore(cache_dir / "labels", known_ids=set(pool_ids))  # training reads labels only from here
+    SimulatedOracle(store, labels).label(pool_ids)
+    store = LabelledStore(store, labels)
     if model_cfg.backend == "nnunet":
         trainer = NnunetRounds(store, model_cfg, train_cfg, cache_dir, resume=True, epochs=budget)
     else:  # resume=True: an interrupted reference continues from its last checkpoint

@@ -111,16 +111,20 @@ class CaseCache:
 
     Args:
         patch: training patch ``(D, H, W)``; each case is centre-padded with zeros to at least this size.
-        reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` (the pool store; the label store once
-            people label).
+        reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` (images from the pool store, labels from
+            the label store: :class:`raylearn.annotation.labels.LabelledStore`).
+        version_of: ``version_of(case_id) -> int | None``, the label's current version; a cached case whose label
+            got a new version (a correction) is read again by :meth:`ensure`.
     """
 
-    def __init__(self, patch: Sequence[int], reader) -> None:
+    def __init__(self, patch: Sequence[int], reader, version_of=None) -> None:
         from monai.transforms import SpatialPadd
 
         self.patch = tuple(int(p) for p in patch)
         self._pad = SpatialPadd(keys=["image", "label"], spatial_size=self.patch, mode="constant")
         self._reader = reader
+        self._version_of = version_of
+        self._versions: dict[str, int | None] = {}
         self._cases: dict[str, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -133,7 +137,8 @@ class CaseCache:
         """Read and pad the cases not cached yet; returns how many were added."""
         added = 0
         for cid in ids:
-            if cid in self._cases:
+            version = self._version_of(cid) if self._version_of is not None else None
+            if cid in self._cases and self._versions.get(cid) == version:
                 continue
             image, label = self._reader(cid)
             image, label = np.asarray(image), np.asarray(label)
@@ -144,6 +149,7 @@ class CaseCache:
                     "label": torch.from_numpy(np.array(label, dtype=np.float32)[None])}
             item = self._pad(item)
             self._cases[cid] = {k: torch.as_tensor(v).contiguous() for k, v in item.items()}
+            self._versions[cid] = version
             added += 1
         return added
 

@@ -99,7 +99,7 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
                                              "max_clicks_per_request", "max_clicks_per_session", "max_sessions")}
         return InfoResponse(model=ModelInfo(**await svc.model_info()), classes=c.classes,
                             segmenter_checkpoint=c.segmenter_checkpoint,
-                            segmenter_checkpoint_sha256=svc.segmenter_sha256, auth=svc.guard.token is not None,
+                            segmenter_checkpoint_sha256=svc.segmenter_sha256, auth=svc.guard.enabled,
                             warnings=list(svc.guard.warnings), limits=limits, max_upload_mb=c.max_upload_mb,
                             session_ttl_s=c.session_ttl_s, sessions=len(svc.sessions),
                             encoder_requests=svc.encoder_requests, decoder_requests=svc.decoder_requests)
@@ -250,4 +250,7 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
                            timing_ms={"segmenter": 1e3 * (t1 - t0), "sam_med3d": 1e3 * (t2 - t1)})
 
     app.include_router(v1)
+    from raylearn.serve.annotation_api import add_annotation_routes
+
+    add_annotation_routes(app, svc)
     return app

@@ -9,9 +9,9 @@ errors); Serve's deployment options (``num_replicas``, ``autoscaling_config``, `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
 from raylearn.data.preprocess import PreprocessConfig
@@ -47,6 +47,45 @@ class PreannotateConfig(StrictModel):
     seed: int = Field(0, ge=0)
 
 
+class UserConfig(StrictModel):
+    """One annotation user: a name, a role, and the bearer token (one of ``token``, ``token_env`` (an env var of
+    the replica), ``token_sha256`` (its sha256 hex, so the file holds no secret))."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    role: Literal["annotator", "admin"] = "annotator"
+    token: str | None = Field(None, min_length=8)
+    token_env: str | None = None
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> UserConfig:
+        if sum(x is not None for x in (self.token, self.token_env, self.token_sha256)) != 1:
+            raise ValueError(f"user {self.name!r}: give exactly one of token, token_env, token_sha256")
+        return self
+
+
+class AnnotationConfig(StrictModel):
+    """The annotation API (MONAI Label-compatible routes and ``/v1/annotation/*``) over a run's workspace.
+
+    Attributes:
+        run_dir: the experiment's ``output_dir`` (``raylearn run`` writes ``annotation/run.json`` there; the API
+            answers 503 until it exists).
+        users: annotation users with roles (``annotator``: images, suggestions, labels; ``admin``: also pause /
+            resume, strategy, export). With users set, auth is on even without the service token.
+        lease_s: lease length of a suggested case (default: the run's ``schedule.lease_s``).
+        require_lease: a label upload needs the uploader's active lease on the case (admins excepted).
+        allow_empty_labels: accept labels without foreground.
+        infer_device: device of the segmenter behind ``POST /infer/{model}``.
+    """
+
+    run_dir: str
+    users: list[UserConfig] = Field(default_factory=list)
+    lease_s: float | None = Field(None, gt=0)
+    require_lease: bool = True
+    allow_empty_labels: bool = False
+    infer_device: str = "cpu"
+
+
 class IngressConfig(StrictModel):
     """``user_config`` of the ``SamMed3DIngress`` deployment (the HTTP API).
 
@@ -69,6 +108,7 @@ class IngressConfig(StrictModel):
         session_ttl_s: idle sessions expire after this many seconds.
         max_sessions: the least recently used session is dropped beyond this.
         embedding_cache_size: image embeddings kept (LRU) for one-shot requests on the same volume.
+        annotation: the annotation API (:class:`AnnotationConfig`); None = SAM-Med3D routes only.
     """
 
     classes: dict[int, str] = Field(default_factory=lambda: {1: "object"})
@@ -88,6 +128,7 @@ class IngressConfig(StrictModel):
     session_ttl_s: float = Field(1800.0, gt=0)
     max_sessions: int = Field(32, ge=1)
     embedding_cache_size: int = Field(8, ge=1)
+    annotation: AnnotationConfig | None = None
 
     @field_validator("classes")
     @classmethod

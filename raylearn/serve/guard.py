@@ -9,6 +9,7 @@ text, while this limit depends on the content type and follows ``reconfigure``, 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -20,8 +21,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-#: paths served without a token (liveness and the API docs; the OpenAPI schema is not secret)
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: paths served without a token (liveness, the API docs, and MONAI Label's auth discovery and token exchange)
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/auth/",
+                        "/auth", "/auth/token"})
+#: roles of annotation users, each with the roles it includes
+ROLES = {"annotator": frozenset({"annotator"}), "admin": frozenset({"annotator", "admin"})}
+
+
+def token_digest(token: str) -> str:
+    """sha256 hex of a bearer token (what a users list may hold instead of the token)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class User:
+    """Who a request is: ``name`` and ``role`` (``annotator`` or ``admin``; the service token is ``admin``)."""
+
+    name: str
+    role: str
+
+    def has(self, role: str) -> bool:
+        return role in ROLES[self.role]
 #: limit of request bodies that are not multipart uploads (JSON click lists)
 MAX_JSON_BYTES = 1 << 20
 NO_AUTH_WARNING = ("auth is OFF: no bearer token reached this replica, so anyone who can reach the port may use "
@@ -38,6 +58,8 @@ class Guard:
     source: str = "none"
     max_upload_bytes: int = 256 << 20
     warnings: list[str] = field(default_factory=list)
+    #: annotation users: sha256 of their token -> User
+    users: dict[str, User] = field(default_factory=dict)
 
     def configure(self, config_token: str | None, build_token: str | None, env_name: str, require: bool,
                   max_upload_mb: float, announce: bool = True) -> None:
@@ -49,20 +71,45 @@ class Guard:
         found = [(config_token, "user_config auth_token"), (build_token, "build_app token"),
                  (os.environ.get(env_name), f"env {env_name} of the replica")]
         token, source = next(((t, s) for t, s in found if t), (None, "none"))
-        if token is None and require:
+        if token is None and not self.users and require:
             raise ValueError("require_auth is true but no token reached the replica: "
                              + NO_AUTH_WARNING.format(env=env_name).split(". ", 1)[1])
         self.token, self.source = token, source
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
-        self.warnings = [] if token else [NO_AUTH_WARNING.format(env=env_name)]
-        if token is None and announce:
+        self.warnings = [] if self.enabled else [NO_AUTH_WARNING.format(env=env_name)]
+        if not self.enabled and announce:
             log.warning("raylearn serve: %s", self.warnings[0])
 
-    def authorised(self, header: str | None) -> bool:
-        if self.token is None:
-            return True
+    @property
+    def enabled(self) -> bool:
+        """Auth is on when a service token or any annotation user exists."""
+        return self.token is not None or bool(self.users)
+
+    def set_users(self, users: dict[str, User]) -> None:
+        """Annotation users by token sha256; with none and no service token, auth is off."""
+        self.users = dict(users)
+        self.warnings = [w for w in self.warnings if not w.startswith("auth is OFF")] if self.enabled else \
+            self.warnings
+
+    def identify(self, header: str | None) -> User | None:
+        """The user of an ``Authorization`` header: the service token is the admin ``service``; with auth off
+        everybody is the admin ``anonymous``; None when the token is missing or unknown."""
+        if not self.enabled:
+            return User("anonymous", "admin")
         scheme, _, given = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+        if scheme.lower() != "bearer" or not given.strip():
+            return None
+        given = given.strip()
+        if self.token is not None and hmac.compare_digest(given.encode(), self.token.encode()):
+            return User("service", "admin")
+        digest = token_digest(given)
+        for known, user in self.users.items():
+            if hmac.compare_digest(known, digest):
+                return user
+        return None
+
+    def authorised(self, header: str | None) -> bool:
+        return self.identify(header) is not None
 
 
 async def _send_error(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -63,6 +63,7 @@ class SamMed3DIngress:
         self.encoder_requests = 0
         self.decoder_requests = 0
         self._readers: ThreadPoolExecutor | None = None
+        self.annotation = None  # raylearn.serve.annotation.AnnotationService when user_config.annotation is set
         self.reconfigure({}, announce=False)  # defaults; Serve then calls reconfigure with the user_config
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -77,11 +78,16 @@ class SamMed3DIngress:
         """
         source = f"{INGRESS_NAME}.user_config"
         cfg = parse_config(user_config, IngressConfig, source=source)
+        from raylearn.serve.annotation import AnnotationService, users_from_config
+
         try:
+            self.guard.users = users_from_config(cfg.annotation)
             self.guard.configure(cfg.auth_token, self._build_token, cfg.auth_token_env, cfg.require_auth,
                                  cfg.max_upload_mb, announce=announce)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+        if cfg.annotation != (self.cfg.annotation if self.cfg else None):
+            self.annotation = AnnotationService(cfg.annotation) if cfg.annotation else None
         self.sessions.ttl_s, self.sessions.max_sessions = cfg.session_ttl_s, cfg.max_sessions
         self.cache.capacity = cfg.embedding_cache_size
         if self._readers is None or cfg.read_workers != self.cfg.read_workers:

@@ -91,7 +91,9 @@ class _Loop:
             else:
                 self.seg.load_state_dict(init["state_dict"])
         self.model = ray.train.torch.prepare_model(self.seg.network)
-        self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_case)
+        # labels come from the label store (a LabelledStore); a corrected label is read again
+        self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_case,
+                                 version_of=getattr(self.store, "label_version", None))
         self.transform = None
         self.loss_fn = T.make_loss()
         self.step_hook = config.get("step_hook")
@@ -100,7 +102,7 @@ class _Loop:
     def _read_case(self, cid: str):
         case = self.store.get(cid)
         if case.label is None:
-            raise ValueError(f"case {cid!r} has no label in the pool store; only labelled cases can be trained on")
+            raise ValueError(f"case {cid!r} has no label in the label store; only labelled cases can be trained on")
         return case.image, case.label
 
     def _restore(self, d: Path) -> None:

@@ -1,0 +1,172 @@
+"""Rounds driven by labels: ``schedule.mode: sync | async`` (what :func:`raylearn.loop.run_experiment` asks).
+
+The round loop stays one loop; a schedule decides four things in it:
+
+- ``view(view, labeled)``: which cases the strategy may pick. Sync: unchanged (the same selections as ever for a
+  seed). Async: cases labelled meanwhile, and cases somebody holds a lease on, count as labelled.
+- ``budget(b, view)``: sync ``b``; async ``b + lookahead`` ranked suggestions (annotators never run dry).
+- ``collect(r, chosen, labeled, checkpoint)``: publishes the suggestions to the annotation workspace (the API
+  serves them) and returns the round's labels. Sync: the oracle labels ``chosen`` (simulated: ground truth into
+  the label store; human: waits for the uploads). Async: waits for ``labels_per_round`` *new* labels (any
+  cases) or ``round_timer_s`` with at least one.
+- ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and labels that
+  arrive while it trains are handed to it (``TrainingService.extend_round``; the workers pick them up between
+  steps); returns those ids too.
+
+With ``oracle: simulated`` in async mode, :class:`raylearn.annotation.simulate.SimulatedAnnotators` label the
+suggestions in threads after a delay (people stand-ins); with ``oracle: human`` people do, over HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raylearn.annotation.labels import LabelStore
+from raylearn.annotation.workspace import Workspace
+from raylearn.oracle import LabelReceipt, OracleTimeout, make_oracle
+
+__all__ = ["AsyncSchedule", "SyncSchedule", "make_schedule", "attach_run"]
+
+log = logging.getLogger(__name__)
+
+
+def attach_run(out: Path, cfg, store, labels: LabelStore, pool_ids: list[str]) -> Workspace:
+    """Create the run's annotation workspace and write ``run.json`` (what the annotation API reads)."""
+    ws = Workspace(Path(out) / "annotation")
+    with ws.lock():
+        ws.write("run", {"name": cfg.name, "output_dir": str(Path(out).resolve()), "store": str(store.path),
+                         "labels": str(labels.root), "ledger": str((Path(out) / "ledger.jsonl").resolve()),
+                         "pool_ids": list(pool_ids), "classes": {int(k): v for k, v in store.labels.items()},
+                         "mode": cfg.schedule.mode, "oracle": cfg.oracle, "strategy": cfg.strategy.name,
+                         "lease_s": cfg.schedule.lease_s, "started": time.time()})
+    return ws
+
+
+def _receipt(labels: LabelStore, ids: list[str]) -> LabelReceipt:
+    rec = LabelReceipt(ids=list(ids))
+    for cid in ids:
+        r = labels.latest(cid)
+        rec.voxels += int(np.prod(r.shape))
+        rec.foreground_voxels += r.foreground_voxels
+        rec.per_case[cid] = r.foreground_voxels
+    return rec
+
+
+class SyncSchedule:
+    """Label the selection, then train (the papers' protocol; selections identical to a plain run's)."""
+
+    mode = "sync"
+
+    def __init__(self, cfg, store, labels: LabelStore, workspace: Workspace) -> None:
+        self.cfg, self.labels, self.ws = cfg, labels, workspace
+        self.oracle = make_oracle(cfg.oracle, store, labels, timeout_s=cfg.schedule.label_timeout_s)
+        self.annotator_idle_s = 0.0
+
+    def view(self, view, labeled: list[str]):
+        return view
+
+    def budget(self, budget: int, view) -> int:
+        return budget
+
+    def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
+                ) -> tuple[list[str], LabelReceipt]:
+        self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
+        return list(chosen), self.oracle.label(chosen)
+
+    def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
+        checkpoint, info = trainer.fit(r, list(labeled), seed=seed)
+        return checkpoint, info, []
+
+    def round_done(self, r: int, checkpoint: str) -> None:
+        q = self.ws.queue()
+        self.ws.publish(r, q["candidates"], checkpoint, r, q.get("scores"))
+
+    def close(self) -> None:
+        return None
+
+
+class AsyncSchedule(SyncSchedule):
+    """People label while the model trains; rounds start on ``labels_per_round`` new labels or a timer."""
+
+    mode = "async"
+
+    def __init__(self, cfg, store, labels: LabelStore, workspace: Workspace, pool_ids: list[str]) -> None:
+        super().__init__(cfg, store, labels, workspace)
+        s = cfg.schedule
+        self.k = s.labels_per_round or s.batch_size
+        self.timer_s, self.lookahead, self.timeout_s = s.round_timer_s, s.lookahead, s.label_timeout_s
+        self.annotators = None
+        if cfg.oracle == "simulated":
+            from raylearn.annotation.simulate import DirectClient, SimulatedAnnotators
+
+            self.annotators = SimulatedAnnotators(
+                [DirectClient(store, labels, workspace, f"sim-{i}", s.lease_s) for i in range(s.simulated_annotators)],
+                store, s.simulated_delay_s, seed=cfg.seed).start()
+
+    def view(self, view, labeled: list[str]):
+        import dataclasses
+
+        taken = set(labeled) | set(self.labels.labelled_ids()) | self.ws.leased_ids()
+        return dataclasses.replace(view, labeled_mask=np.isin(view.ids, sorted(taken)))
+
+    def budget(self, budget: int, view) -> int:
+        free = int((~np.asarray(view.labeled_mask)).sum())
+        return max(0, min(budget + self.lookahead, free)) if budget > 0 else 0
+
+    def _new(self, labeled: list[str]) -> list[str]:
+        have = set(labeled)
+        return [c for c in self.labels.labelled_ids() if c not in have]
+
+    def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
+                ) -> tuple[list[str], LabelReceipt]:
+        self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
+        want = len(chosen) if r == 0 else min(self.k, len(chosen))  # round 0: the whole cold start
+        t0 = time.monotonic()
+        while True:
+            new = self._new(labeled)
+            waited = time.monotonic() - t0
+            if len(new) >= want or (r > 0 and new and waited >= self.timer_s):
+                break
+            if self.timeout_s is not None and waited > self.timeout_s:
+                raise OracleTimeout(f"round {r}: {len(new)} of {want} labels after {self.timeout_s:g} s")
+            time.sleep(0.2)
+        log.info("round %d: %d new label(s) after %.1f s", r, len(new), time.monotonic() - t0)
+        return new, _receipt(self.labels, new)
+
+    def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
+        service = getattr(trainer, "service", None)
+        if service is None:  # nnU-Net rounds are one task each: nothing to extend
+            return super().fit(trainer, r, labeled, seed)
+        service.submit_round(r, list(labeled), seed=seed)
+        have, added = list(labeled), []
+        while True:
+            try:
+                res = service.wait_round(r, timeout_s=1.0)
+                break
+            except TimeoutError:
+                new = [c for c in self._new(have) if c not in added]
+                if new:
+                    service.extend_round(r, new)
+                    added += new
+                    have += new
+        path = res.save(trainer.ckpt_dir / f"round_{r:02d}.pt")
+        info = {**res.info, "wall_s": res.wall_s, "labels_added_mid_round": len(added)}
+        # ids that arrived too late for any step of this round still count as this round's labels
+        return str(path), info, added
+
+    def close(self) -> None:
+        if self.annotators is not None:
+            self.annotators.stop()
+            self.annotator_idle_s = self.annotators.idle_s()
+
+
+def make_schedule(cfg, store, labels: LabelStore, workspace: Workspace, pool_ids: list[str]):
+    """The schedule of ``cfg.schedule.mode``."""
+    if cfg.schedule.mode == "async":
+        return AsyncSchedule(cfg, store, labels, workspace, pool_ids)
+    return SyncSchedule(cfg, store, labels, workspace)
