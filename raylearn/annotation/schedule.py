@@ -119,8 +119,11 @@ class AsyncSchedule(SyncSchedule):
         return max(0, min(budget + self.lookahead, free)) if budget > 0 else 0
 
     def _new(self, labeled: list[str]) -> list[str]:
+        """Labelled ids not in ``labeled`` yet, in label order, capped at ``schedule.max_labeled``."""
         have = set(labeled)
-        return [c for c in self.labels.labelled_ids() if c not in have]
+        new = [c for c in self.labels.labelled_ids() if c not in have]
+        cap = self.cfg.schedule.max_labeled
+        return new if cap is None else new[: max(0, cap - len(labeled))]
 
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
                 ) -> tuple[list[str], LabelReceipt]:

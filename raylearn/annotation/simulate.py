@@ -54,6 +54,8 @@ class HttpClient:
 
     def next(self) -> str | None:
         r = self.http.post(f"/activelearning/{self.strategy}", json={})
+        if r.status_code == 503:  # no run attached yet, or paused upstream
+            return None
         r.raise_for_status()
         return r.json().get("id") or None
 

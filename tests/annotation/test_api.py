@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -32,7 +35,8 @@ from raylearn.serve.config import (
 )
 from tests.conftest import pick_free_ports
 
-TOKENS = {"alice": "alice-token-0001", "bob": "bob-token-00002", "root": "admin-token-0003"}
+TOKENS = {"alice": "alice-token-0001", "bob": "bob-token-00002", "root": "admin-token-0003",
+          "carol": "carol-token-0004"}
 
 
 def make_run(run_dir: Path, store, n_queue: int = 4) -> SimpleNamespace:
@@ -51,13 +55,16 @@ def make_run(run_dir: Path, store, n_queue: int = 4) -> SimpleNamespace:
 
 def serve_config(run_dir: Path, **annotation) -> ServeConfig:
     users = [UserConfig(name="alice", token=TOKENS["alice"]), UserConfig(name="bob", token=TOKENS["bob"]),
-             UserConfig(name="root", role="admin", token=TOKENS["root"])]
+             UserConfig(name="root", role="admin", token=TOKENS["root"]),
+             UserConfig(name="carol", token_env="RAYLEARN_TEST_CAROL_TOKEN")]
     return ServeConfig(
         name="raylearn-annotation-test",
         ingress=IngressConfig(classes={1: "Anterior", 2: "Posterior"}, auth_token_env="RAYLEARN_TEST_UNSET_TOKEN",
                               annotation=AnnotationConfig(run_dir=str(run_dir), users=users, **annotation)),
         model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
+        # carol's token reaches the replica through its environment (token_env)
+        ingress_options=DeploymentOptions(ray_actor_options={
+            "num_cpus": 0, "runtime_env": {"env_vars": {"RAYLEARN_TEST_CAROL_TOKEN": TOKENS["carol"]}}}),
         model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
     )
 
@@ -220,3 +227,83 @@ def test_datastore_infer_status_and_export(api, tmp_path):
     assert api.c["root"].post("/v1/annotation/pause").json()["paused"] is True
     assert a.post("/activelearning/raylearn", json={}).json() == {}
     api.c["root"].post("/v1/annotation/resume")
+
+
+# -- MONAI Label's own client ------------------------------------------------------------------------------
+MONAILABEL = "monailabel==0.8.5"
+CLIENT_SCRIPT = r"""
+import json, sys
+from monailabel.client import MONAILabelClient
+url, token, labels_json, tmp = sys.argv[1:5]
+labels = json.loads(labels_json)
+c = MONAILabelClient(url, tmpdir=tmp)
+out = {"auth_enabled": c.auth_enabled()}
+c.update_auth(c.auth_token("carol", token))
+out["valid"] = c.auth_valid_token()
+out["info"] = c.info()
+s = c.next_sample("random", {})
+out["sample"] = s
+out["save"] = c.save_label(s["id"], labels[s["id"]], tag="final")
+out["save_again"] = c.save_label(s["id"], labels[s["id"]], tag="final")
+out["datastore"] = c.datastore()
+image_out, params = c.infer("segmenter", s["id"], {})
+out["infer"] = {"file": image_out, "params": params}
+out["download"] = c.download_label(s["id"], "final")
+try:
+    c.save_label(s["id"], labels["__bad__"], tag="final")
+except Exception as err:
+    out["bad"] = {"status": getattr(err, "status_code", None), "msg": getattr(err, "msg", str(err))}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="session")
+def monailabel_python(tmp_path_factory) -> Path:
+    """A separate venv holding MONAI Label's client: ``pip install --no-deps monailabel`` + requests.
+
+    monailabel 0.8.5 does not install beside this project's pins (its dependencies would replace numpy 2,
+    pandas and pyarrow: ``pip install --dry-run monailabel``), and ``monailabel.client`` imports only requests and
+    the standard library, so its wheel alone (no dependencies) in a venv of its own is the client as shipped.
+    The venv is cached in ``$RAYLEARN_TEST_CACHE`` (default ``~/.cache/raylearn-tests``).
+    """
+    cache = Path(os.environ.get("RAYLEARN_TEST_CACHE", Path.home() / ".cache" / "raylearn-tests"))
+    venv = cache / "monailabel-0.8.5-client"
+    py = venv / "bin" / "python"
+    if not (venv / ".complete").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
+                 [str(py), "-m", "pip", "install", "-q", "requests"],
+                 [str(py), "-m", "pip", "install", "-q", "--no-deps", MONAILABEL]]
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                pytest.skip(f"cannot install MONAI Label's client ({' '.join(cmd[-2:])}): {r.stderr[-400:]}")
+        (venv / ".complete").write_text(MONAILABEL)
+    return py
+
+
+def test_monailabel_client_against_the_api(api, monailabel_python, tmp_path):
+    """MONAI Label's ``MONAILabelClient`` (its own code, in its own venv) over HTTP: auth, info, next sample,
+    label upload (twice: idempotent), datastore, inference (multipart), label download, a refused label."""
+    labels = {c: str(api.store.manifest.set_index("case_id").loc[c, "label_path"]) for c in api.run.pool}
+    bad = sitk.Image(5, 5, 5, sitk.sitkUInt8)
+    sitk.WriteImage(bad, str(tmp_path / "bad.nii.gz"))
+    labels["__bad__"] = str(tmp_path / "bad.nii.gz")
+    r = subprocess.run([str(monailabel_python), "-c", CLIENT_SCRIPT, api.url, TOKENS["carol"], json.dumps(labels),
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert out["auth_enabled"] is True and out["valid"] is True
+    assert out["info"]["labels"] == {"Anterior": 1, "Posterior": 2} and "segmenter" in out["info"]["models"]
+    cid = out["sample"]["id"]
+    assert cid in api.run.pool and out["sample"]["lease"]["user"] == "carol"
+    assert out["save"]["label"] == cid and out["save"]["created"] is True
+    assert out["save_again"]["version"] == out["save"]["version"] and out["save_again"]["created"] is False
+    rec = api.run.labels.latest(cid)
+    assert (rec.annotator, rec.source) == ("carol", "human")
+    np.testing.assert_array_equal(api.run.labels.read(cid), api.store.get(cid).label)
+    assert "final" in out["datastore"]["objects"][cid]["labels"]
+    assert out["infer"]["params"]["model"] == "segmenter"
+    assert sitk.ReadImage(out["infer"]["file"]).GetSize() == sitk.ReadImage(labels[cid]).GetSize()
+    assert sitk.ReadImage(out["download"]).GetSize() == sitk.ReadImage(labels[cid]).GetSize()
+    assert "Status: 422" in out["bad"]["msg"] and "size 5x5x5" in out["bad"]["msg"]

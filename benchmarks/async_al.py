@@ -1,0 +1,229 @@
+"""Asynchronous vs synchronous active learning with simulated annotators over the HTTP annotation API.
+
+Both modes run the same experiment (same data, model, recipe, strategy, seed, label budget) with
+``oracle: human``: the labels come from ``--annotators`` simulated annotators (threads) calling the MONAI
+Label-compatible API of a Ray Serve app (``POST /activelearning/raylearn``, then ``PUT /datastore/label`` with the
+ground truth on the source image's grid) after a per-case labelling delay drawn uniformly from
+``--delay-s LO HI`` (people take 20-60 s per case; the default here is that range scaled by ``--time-scale``).
+
+- ``sync``: the strategy selects a batch; annotators label it; then the model trains, the shards evaluate and
+  score; the annotators are idle meanwhile.
+- ``async``: the trainer takes labels as they arrive (a round = ``batch_size`` new labels or a timer), scoring
+  runs with the newest model while people label, suggestions skip leased cases (``lookahead`` extra).
+
+Reported per mode: wall time from start until the test Dice first reaches 95 % of the full-pool reference
+Dice (trained once, cached, shared by both modes), final Dice, labels used, total annotator idle time. Goal:
+async reaches the target >= 1.5x sooner with no lower final Dice. Writes ``OUT/results.json`` and
+``OUT/results.md``::
+
+    .venv/bin/python benchmarks/async_al.py --quick              # phantoms, tiny model: checks the machinery
+    .venv/bin/python benchmarks/async_al.py --out runs/async_al  # the benchmark (shipped hippocampus data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("async_al")
+
+FULL = {
+    "name": "async-al", "seed": 0,
+    "data": {"dataset": "demo:msd_hippocampus_60", "n_test": 20},
+    "cold_start": {"strategy": "random", "size": 4},
+    "strategy": {"name": "least_confidence"},
+    "schedule": {"rounds": 6, "batch_size": 4, "max_labeled": 28, "lookahead": 4, "round_timer_s": 60},
+    "features": {"reduction": "foreground"},
+    "model": {"backend": "monai_unet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
+    "train": {"first_round_steps": 120, "steps": 50, "batch_size": 4, "lr": 0.002, "log_every": 5},
+    "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False},
+    "evaluate": {"hd95": False},
+}
+QUICK = {
+    "name": "async-al-quick", "seed": 0,
+    "data": {"dataset": "phantom", "phantom": {"n_cases": 16, "shape": [24, 24, 24], "seed": 1}, "n_test": 4},
+    "cold_start": {"strategy": "random", "size": 2},
+    "strategy": {"name": "least_confidence"},
+    "schedule": {"rounds": 2, "batch_size": 2, "max_labeled": 6, "lookahead": 2, "round_timer_s": 10},
+    "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+    "train": {"first_round_steps": 20, "steps": 10, "batch_size": 2, "checkpoint_every": 10, "log_every": 2},
+    "pool": {"n_shards": 1, "num_cpus": 0.25, "progress": False},
+    "evaluate": {"hd95": False},
+}
+
+
+def _serve(run_dir: Path, tokens: dict[str, str], port: int, name: str):
+    from ray import serve
+
+    from raylearn.models import sam_med3d as sm
+    from raylearn.serve.app import build_app
+    from raylearn.serve.config import (
+        AnnotationConfig,
+        DeploymentOptions,
+        IngressConfig,
+        ModelDeploymentConfig,
+        ServeConfig,
+        UserConfig,
+    )
+
+    cfg = ServeConfig(
+        name=name,
+        ingress=IngressConfig(auth_token_env="RAYLEARN_BENCH_UNSET", annotation=AnnotationConfig(
+            run_dir=str(run_dir), users=[UserConfig(name=u, token=t) for u, t in tokens.items()])),
+        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
+        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
+        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=name, route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def run_mode(mode: str, base: dict, out: Path, args) -> dict:
+    """One run of ``mode`` with HTTP annotators; returns its curve (wall s, labels, Dice) and idle time."""
+    from ray import serve
+
+    from raylearn.annotation.simulate import HttpClient, SimulatedAnnotators
+    from raylearn.data.store import PoolStore
+    from raylearn.experiment import ExperimentConfig
+    from raylearn.loop import run_experiment
+    from raylearn.runtime import ensure_store
+
+    data = json.loads(json.dumps(base))
+    data["output_dir"] = str(out / mode)
+    data["oracle"] = "human"
+    data["schedule"]["mode"] = mode
+    data["schedule"]["label_timeout_s"] = args.label_timeout_s
+    data["data"]["store"] = str(out / "store")
+    cfg = ExperimentConfig.model_validate(data)
+    shutil.rmtree(out / mode, ignore_errors=True)
+    store = ensure_store(cfg, progress=False)
+    store = PoolStore.open(store.path)
+    tokens = {f"annotator{i}": f"bench-token-{i:04d}-{mode}" for i in range(args.annotators)}
+    url = _serve(out / mode, tokens, _free_port(), f"bench-{mode}")
+    annotators = SimulatedAnnotators([HttpClient(url, t, store) for t in tokens.values()], store,
+                                     tuple(args.delay_s), seed=args.seed).start()
+    curve: list[dict] = []
+    t0 = time.monotonic()
+
+    def on_round(rec: dict, _rounds: list[dict]) -> None:
+        curve.append({"round": rec["round"], "wall_s": time.monotonic() - t0, "n_labeled": rec["n_labeled"],
+                      "dice": rec["metrics"].get("dice_mean")})
+        log.info("%s round %d: %.1f s, %d labels, Dice %.3f", mode, rec["round"], curve[-1]["wall_s"],
+                 rec["n_labeled"], curve[-1]["dice"])
+
+    try:
+        run_experiment(cfg, progress=False, on_round=on_round)
+    finally:
+        annotators.stop()
+        serve.delete(f"bench-{mode}")
+        serve.shutdown()
+    return {"mode": mode, "curve": curve, "wall_s": curve[-1]["wall_s"] if curve else None,
+            "final_dice": curve[-1]["dice"] if curve else None, "labels": curve[-1]["n_labeled"] if curve else 0,
+            "annotator_idle_s": annotators.idle_s(), "annotator_errors": annotators.errors[:5],
+            "labelled_by_annotators": len(annotators.labelled)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reference_dice(base: dict, out: Path) -> float:
+    """The full-pool reference Dice (trained once at the run's step budget, cached in ``OUT/reference``)."""
+    from raylearn.experiment import ExperimentConfig
+    from raylearn.loop import _evaluate_tasks
+    from raylearn.reference import full_pool_reference
+    from raylearn.runtime import ensure_store, resolved_model
+
+    data = json.loads(json.dumps(base))
+    data["output_dir"] = str(out / "reference_run")
+    data["data"]["store"] = str(out / "store")
+    cfg = ExperimentConfig.model_validate(data)
+    store = ensure_store(cfg, progress=False)
+    pool_ids, test_ids = sorted(store.case_ids("pool")), sorted(store.case_ids("test"))
+    kw = {"hd95": cfg.evaluate.hd95, "surface_tolerance_mm": cfg.evaluate.surface_dice_tolerance_mm}
+    rec = full_pool_reference(cfg, resolved_model(cfg, store), store, pool_ids, test_ids, out / "reference",
+                              evaluate=lambda ckpt: _evaluate_tasks(store, ckpt, test_ids, kw))
+    return float(rec["metrics"]["dice_mean"])
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Wall seconds of the first round whose Dice reaches ``target`` (None if never)."""
+    return next((c["wall_s"] for c in curve if c["dice"] is not None and c["dice"] >= target), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="phantoms and a tiny model (checks the machinery, ~5 min)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/async_al[_quick])")
+    p.add_argument("--annotators", type=int, default=3)
+    p.add_argument("--time-scale", type=float, default=0.1,
+                   help="labelling delays are 20-60 s x this (default 0.1: 2-6 s per case)")
+    p.add_argument("--delay-s", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="labelling delay range in seconds (overrides --time-scale)")
+    p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-timeout-s", type=float, default=1800.0)
+    p.add_argument("--num-cpus", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.delay_s is None:
+        args.delay_s = [20 * args.time_scale, 60 * args.time_scale] if not args.quick else [0.2, 0.6]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("ray", "ray.serve", "raylearn", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = (args.out or REPO / "runs" / ("async_al_quick" if args.quick else "async_al")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = QUICK if args.quick else FULL
+
+    from raylearn.runtime import ensure_ray
+
+    ensure_ray(args.num_cpus)
+    t_all = time.monotonic()
+    ref = reference_dice(base, out)  # before the runs: no annotator waits on it
+    results = [run_mode(m, base, out, args) for m in args.modes]
+    target = 0.95 * ref
+    for r in results:
+        r["reference_dice"] = ref
+        r["target_dice"] = target
+        r["time_to_target_s"] = time_to(r["curve"], target) if target is not None else None
+    by = {r["mode"]: r for r in results}
+    summary = {"delay_s": args.delay_s, "annotators": args.annotators, "quick": args.quick,
+               "config": base, "results": results, "total_wall_s": time.monotonic() - t_all}
+    if {"sync", "async"} <= set(by) and by["sync"]["time_to_target_s"] and by["async"]["time_to_target_s"]:
+        summary["speedup_to_target"] = by["sync"]["time_to_target_s"] / by["async"]["time_to_target_s"]
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    lines = [f"# async vs sync AL ({'quick' if args.quick else 'full'})", "",
+             f"{args.annotators} annotators, labelling delay {args.delay_s[0]:g}-{args.delay_s[1]:g} s per case; "
+             f"full-pool Dice {ref:.3f}, target (95 %) {target:.3f}", "",
+             "| mode | time to target (s) | wall (s) | final Dice | labels | annotator idle (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ttt = "never" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
+        lines.append(f"| {r['mode']} | {ttt} | {r['wall_s']:.0f} | {r['final_dice']:.3f} | {r['labels']} | "
+                     f"{r['annotator_idle_s']:.0f} |")
+    if "speedup_to_target" in summary:
+        lines += ["", f"async reaches the target {summary['speedup_to_target']:.2f}x sooner (goal >= 1.5x)."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Leases, the suggestion queue and the async schedule's decisions (no Ray), and an async run end to end (slow)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from raylearn.annotation.labels import LabelStore
+from raylearn.annotation.schedule import AsyncSchedule, SyncSchedule, attach_run
+from raylearn.annotation.simulate import DirectClient, SimulatedAnnotators
+from raylearn.annotation.workspace import LeaseError, Workspace
+from raylearn.experiment import ExperimentConfig
+from raylearn.strategies import PoolView
+
+
+def test_leases_queue_and_next_case(tmp_path):
+    ws = Workspace(tmp_path / "annotation")
+    ws.publish(1, ["c", "a", "b", "d"], None, 0)
+    first = ws.next_case("alice", set(), ttl_s=60)
+    assert first.case_id == "c" and first.user == "alice"
+    assert ws.next_case("alice", set(), ttl_s=60).case_id == "c"  # her open case again
+    assert ws.next_case("bob", set(), ttl_s=60).case_id == "a"
+    assert ws.next_case("carol", {"b"}, ttl_s=60).case_id == "d"  # labelled cases are skipped
+    assert ws.next_case("dave", {"b"}, ttl_s=60) is None
+    assert ws.leased_ids() == {"c", "a", "d"} and ws.leased_ids(exclude_user="bob") == {"c", "d"}
+    with pytest.raises(LeaseError, match="leased by 'alice'") as err:
+        ws.acquire("c", "bob", 60)
+    assert err.value.status == 409
+    with pytest.raises(LeaseError, match="holds no lease"):
+        ws.check_upload("b", "bob")
+    ws.acquire("b", "bob", ttl_s=0.05)
+    time.sleep(0.1)
+    with pytest.raises(LeaseError, match="expired") as err:
+        ws.check_upload("b", "bob")
+    assert err.value.status == 410
+    assert ws.renew("a", "bob", 60).user == "bob"
+    ws.release("c", "alice")
+    assert "c" not in ws.leases()
+    rng = np.random.default_rng(0)
+    pick = ws.next_case("erin", {"b"}, 60, strategy="random", pool_ids=["a", "b", "c", "d", "e"], rng=rng)
+    assert pick.case_id in {"c", "e"}  # free: not labelled, not leased
+    # another process's view of the same workspace
+    assert Workspace(tmp_path / "annotation").leases().keys() == ws.leases().keys()
+
+
+class _Store:
+    """The few pool-store members a schedule uses: ground truth of 8 cases."""
+
+    path = "/nonexistent"
+    labels = {0: "background", 1: "fg"}
+
+    def __init__(self):
+        self.cases = {f"c{i}": np.full((2, 3, 4), i % 2, np.uint8) for i in range(8)}
+
+    def case_ids(self, split=None):
+        return list(self.cases)
+
+    def get(self, cid):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(label=self.cases[cid], image=np.zeros((1, 2, 3, 4), np.float32))
+
+
+def _cfg(tmp_path, **schedule) -> ExperimentConfig:
+    return ExperimentConfig(output_dir=str(tmp_path), oracle="human", schedule={"batch_size": 2, **schedule})
+
+
+def test_sync_schedule_changes_nothing_the_strategy_sees(tmp_path):
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    cfg = ExperimentConfig(output_dir=str(tmp_path))  # simulated oracle
+    sched = SyncSchedule(cfg, store, labels, attach_run(tmp_path, cfg, store, labels, list(store.cases)))
+    view = PoolView(ids=np.array(list(store.cases)), labeled_mask=np.zeros(8, bool), features={})
+    assert sched.view(view, []) is view and sched.budget(2, view) == 2
+    chosen, receipt = sched.collect(0, ["c1", "c2"], [], None)
+    assert chosen == ["c1", "c2"] and receipt.ids == ["c1", "c2"]
+    assert [(r.case_id, r.source) for r in labels.records()] == [("c1", "simulated"), ("c2", "simulated")]
+    assert sched.ws.queue()["candidates"] == ["c1", "c2"]
+
+
+def test_async_schedule_view_budget_and_label_driven_rounds(tmp_path):
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    cfg = _cfg(tmp_path, mode="async", lookahead=3, round_timer_s=0.5, max_labeled=5)
+    ws = attach_run(tmp_path, cfg, store, labels, list(store.cases))
+    sched = AsyncSchedule(cfg, store, labels, ws, list(store.cases))
+    labels.put("c0", store.cases["c0"], "human", "alice")
+    ws.acquire("c5", "bob", 60)
+    view = PoolView(ids=np.array(list(store.cases)), labeled_mask=np.zeros(8, bool), features={})
+    v = sched.view(view, [])
+    assert v.ids[v.labeled_mask].tolist() == ["c0", "c5"]  # labelled meanwhile, and leased: not suggested
+    assert sched.budget(2, v) == 5 and sched.budget(0, v) == 0
+    # round 1 starts once k = batch_size new labels are in (c0 is one; c3 arrives)
+    labels.put("c3", store.cases["c3"], "human", "bob")
+    new, receipt = sched.collect(1, ["c3", "c4"], [], "ckpt")
+    assert new == ["c0", "c3"] and receipt.ids == new
+    # with one new label the timer starts the round
+    labels.put("c4", store.cases["c4"], "human", "bob")
+    t0 = time.monotonic()
+    new, _ = sched.collect(2, ["c6", "c7"], ["c0", "c3"], "ckpt")
+    assert new == ["c4"] and time.monotonic() - t0 >= 0.5
+    # the label budget caps what a round takes
+    for c in ("c1", "c2", "c6"):
+        labels.put(c, store.cases[c], "human", "x")
+    assert sched._new(["c0", "c3", "c4"]) == ["c1", "c2"]
+
+
+def test_simulated_annotators_label_the_queue_with_leases(tmp_path):
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    ws = Workspace(tmp_path / "annotation")
+    ws.publish(0, ["c1", "c2", "c3"], None, None)
+    team = SimulatedAnnotators([DirectClient(store, labels, ws, f"sim-{i}", 60) for i in range(2)], store,
+                               (0.05, 0.1), seed=0).start()
+    deadline = time.monotonic() + 20
+    while len(labels.labelled_ids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    team.stop()
+    assert sorted(labels.labelled_ids()) == ["c1", "c2", "c3"] and not team.errors
+    assert {r.annotator for r in labels.records()} <= {"sim-0", "sim-1"} and ws.leases() == {}
+    assert len(labels.records()) == 3 and team.idle_s() > 0  # nobody labelled a case twice; idle once done
+
+
+@pytest.mark.slow
+def test_async_run_end_to_end(ray_session, tmp_path):
+    """``schedule.mode: async`` with simulated annotators: rounds driven by labels, the budget respected."""
+    from raylearn.loop import run_experiment
+
+    cfg = ExperimentConfig.model_validate({
+        "name": "async", "seed": 1, "output_dir": str(tmp_path / "run"),
+        "data": {"dataset": "phantom", "phantom": {"n_cases": 14, "shape": [24, 24, 24], "seed": 1}, "n_test": 4,
+                 "store": str(tmp_path / "store")},
+        "cold_start": {"strategy": "random", "size": 2}, "strategy": {"name": "least_confidence"},
+        "schedule": {"rounds": 2, "batch_size": 2, "max_labeled": 6, "mode": "async", "round_timer_s": 5,
+                     "simulated_annotators": 2, "simulated_delay_s": [0.2, 0.5], "label_timeout_s": 300},
+        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "train": {"first_round_steps": 20, "steps": 10, "batch_size": 2, "checkpoint_every": 10, "log_every": 2},
+        "pool": {"n_shards": 1, "num_cpus": 0.25, "progress": False}, "evaluate": {"hd95": False}})
+    res = run_experiment(cfg, progress=False)
+    assert len(res.rounds) == 3 and res.rounds[-1]["n_labeled"] <= 6
+    labels = LabelStore(tmp_path / "run" / "labels")
+    trained = [c for r in res.rounds for c in r["selected"]]
+    assert len(set(trained)) == len(trained) and set(trained) <= set(labels.labelled_ids())
+    assert {r.source for r in labels.records()} == {"simulated"}
+    assert {r.annotator for r in labels.records()} <= {"sim-0", "sim-1"}
