@@ -203,7 +203,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 if budget <= 0:
                     log.info("budget spent after %d cases; stopping", len(labeled))
                     break
-                name, strategy = _strategy(cfg, r)
+                name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
                 if model_features(strategy.requires) and checkpoint is None:
                     raise ConfigError(f"strategy {name!r} needs features {sorted(strategy.requires)}, which need a "
                                       "trained model; use a feature-free cold_start strategy (e.g. random)")
@@ -237,7 +237,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             prefetched = None
             if r + 1 < n_rounds and ledger.selection(r + 1) is None and \
                     _budget(cfg, r + 1, len(pool_ids), len(labeled)) > 0:
-                _, nxt = _strategy(cfg, r + 1)
+                _, nxt = schedule.strategy(r + 1, *_strategy(cfg, r + 1))
                 if nxt.requires:  # score for the next round while the shards evaluate this one
                     t1 = time.perf_counter()
                     prefetched = (r + 1, _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1, store),

@@ -66,6 +66,32 @@ class SyncSchedule:
         self.cfg, self.labels, self.ws = cfg, labels, workspace
         self.oracle = make_oracle(cfg.oracle, store, labels, timeout_s=cfg.schedule.label_timeout_s)
         self.annotator_idle_s = 0.0
+        self._strategies: dict[int, tuple[str, Any]] = {}
+
+    def strategy(self, r: int, name: str, strategy):
+        """The strategy of round ``r``: the config's, unless an admin set one (``PUT /v1/annotation/strategy``)
+        for the rounds after the cold start. Latched per round, so scoring ahead and selecting agree."""
+        if r not in self._strategies:
+            override = (self.ws.read("control") or {}).get("strategy")
+            if override and r > 0:
+                from raylearn.runtime import round_seed
+                from raylearn.strategies import build_strategy
+
+                params = {**override.get("params", {}), "random_state": round_seed(self.cfg.seed, r)}
+                log.info("round %d: strategy %s (set by an admin)", r, override["name"])
+                self._strategies[r] = (override["name"], build_strategy(override["name"], **params))
+            else:
+                self._strategies[r] = (name, strategy)
+        return self._strategies[r]
+
+    def wait_unpaused(self) -> None:
+        """Block while an admin has paused the run (``POST /v1/annotation/pause``): no new round starts."""
+        said = False
+        while (self.ws.read("control") or {}).get("paused"):
+            if not said:
+                log.info("paused by an admin; waiting for POST /v1/annotation/resume")
+                said = True
+            time.sleep(0.5)
 
     def view(self, view, labeled: list[str]):
         return view
@@ -75,6 +101,7 @@ class SyncSchedule:
 
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
                 ) -> tuple[list[str], LabelReceipt]:
+        self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
         return list(chosen), self.oracle.label(chosen)
 
@@ -127,6 +154,7 @@ class AsyncSchedule(SyncSchedule):
 
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
                 ) -> tuple[list[str], LabelReceipt]:
+        self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
         want = len(chosen) if r == 0 else min(self.k, len(chosen))  # round 0: the whole cold start
         t0 = time.monotonic()

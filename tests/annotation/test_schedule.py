@@ -145,3 +145,26 @@ def test_async_run_end_to_end(ray_session, tmp_path):
     assert len(set(trained)) == len(trained) and set(trained) <= set(labels.labelled_ids())
     assert {r.source for r in labels.records()} == {"simulated"}
     assert {r.annotator for r in labels.records()} <= {"sim-0", "sim-1"}
+
+
+def test_admin_strategy_override_and_pause(tmp_path):
+    import threading
+
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    cfg = ExperimentConfig(output_dir=str(tmp_path))
+    sched = SyncSchedule(cfg, store, labels, attach_run(tmp_path, cfg, store, labels, list(store.cases)))
+    default = object()
+    assert sched.strategy(1, "least_confidence", default) == ("least_confidence", default)
+    sched.ws.update("control", strategy={"name": "random", "params": {}})
+    assert sched.strategy(1, "least_confidence", default)[1] is default  # latched for round 1
+    name, strat = sched.strategy(2, "least_confidence", default)
+    assert name == "random" and strat is not default
+    assert sched.strategy(0, "random", default)[1] is default  # the cold start is the config's
+    sched.ws.update("control", paused=True)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (sched.collect(1, ["c1"], [], None), done.set()))
+    t.start()
+    assert not done.wait(1.0) and labels.records() == []  # no round while paused
+    sched.ws.update("control", paused=False)
+    assert done.wait(10) and labels.labelled_ids() == ["c1"]
