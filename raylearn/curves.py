@@ -11,6 +11,8 @@ strategy with a baseline seed by seed (the seeds share their cold start).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +30,8 @@ __all__ = [
     "reach_fraction",
     "summarise_runs",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: the random baselines (the paired comparison is against the best of those present)
 RANDOM_BASELINES = ("random", "fg_random", "fg_random33")
@@ -181,7 +185,7 @@ def foreground_efficiency(curves: Mapping[str, Sequence[Sequence[tuple]]],
         ``pcov[0, 0]`` under the name "std"). Strategies with fewer than 2 points are left out; empty when no
         point carries a foreground fraction.
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     pts = {name: np.array([(p[2], p[1]) for c in runs for p in c if len(p) > 2 and p[2] is not None], dtype=float)
            for name, runs in curves.items()}
@@ -202,7 +206,14 @@ def foreground_efficiency(curves: Mapping[str, Sequence[Sequence[tuple]]],
         def model(x, b):
             return c - a * np.exp(-b * (x - x0))
 
-        popt, pcov = curve_fit(model, v[:, 0], v[:, 1], p0=[1.0], maxfev=10000)
+        try:  # a fit that does not converge must not lose hours of runs: report NaN
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OptimizeWarning)
+                popt, pcov = curve_fit(model, v[:, 0], v[:, 1], p0=[1.0], maxfev=10000)
+        except (RuntimeError, ValueError) as err:
+            logger.warning("foreground efficiency of %s: the fit failed (%s)", name, err)
+            out[name] = (float("nan"), float("nan"))
+            continue
         var = float(pcov[0, 0])
         out[name] = (float(popt[0]), float(np.sqrt(var)) if np.isfinite(var) and var >= 0 else float("nan"))
     return out

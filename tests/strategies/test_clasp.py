@@ -212,3 +212,17 @@ def test_class_weighted_entropy_and_feature_by_hand():
     out = compute_features(Fixed(), np.zeros((1, 1, 1, 2), np.float32), ["class_entropy"])
     # volume means over the 2 voxels
     np.testing.assert_allclose(out["class_entropy"], [np.log(2) / 2, np.log(2) / 4, 0.0], rtol=1e-6)
+
+
+def test_tune_search_space_over_clasp_pe_parameters_is_validated():
+    """`raylearn tune` checks every grid value through the experiment schema: a bad ClaSP PE value is refused
+    before any trial runs, naming the parameter."""
+    from raylearn.config import ConfigError
+    from raylearn.tune import validate_search_space
+
+    base = {"strategy": {"name": "clasp_pe"}}
+    space = validate_search_space({"strategy.params.fg_ratio": {"grid": [0.33, 0.66]},
+                                   "strategy.params.schedule": {"choice": ["exponential", "sigmoid"]}}, base, "s.yaml")
+    assert set(space) == {"strategy.params.fg_ratio", "strategy.params.schedule"}
+    with pytest.raises((ConfigError, ValueError), match="fg_ratio"):
+        validate_search_space({"strategy.params.fg_ratio": {"grid": [0.66, 1.5]}}, base, "s.yaml")
