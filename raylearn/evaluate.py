@@ -13,9 +13,19 @@ import numpy as np
 import ray
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str | bytes):
+    """A segmenter from a checkpoint path, or from its bytes (passed through the object store, so a task on
+    another node never reads a driver-local path)."""
+    import tempfile
+    from pathlib import Path
+
     from raylearn.models.loading import load_segmenter
 
+    if isinstance(checkpoint, bytes | bytearray):
+        with tempfile.TemporaryDirectory(prefix="raylearn-eval-") as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            path.write_bytes(checkpoint)
+            return load_segmenter(path)
     return load_segmenter(checkpoint)
 
 

@@ -26,8 +26,8 @@ from raylearn.models.config import ModelConfig, TrainConfig
 from raylearn.scoring.features import FeatureParams, model_calls_for
 
 __all__ = [
-    "BACKEND_CALLS", "DataConfig", "ExperimentConfig", "PoolConfig", "ScheduleConfig", "StrategyConfig",
-    "load_experiment",
+    "BACKEND_CALLS", "ClusterConfig", "DataConfig", "ExperimentConfig", "PoolConfig", "ScheduleConfig",
+    "StrategyConfig", "load_experiment",
 ]
 
 #: the :class:`~raylearn.models.base.Segmenter` calls each ``model.backend`` implements. The MONAI U-Net samples MC
@@ -45,12 +45,15 @@ class PoolConfig(StrictModel):
     Attributes:
         n_shards: number of ``PoolShard`` actors; ``None`` = GPUs in the cluster, else CPUs.
         num_cpus: logical CPUs reserved per shard (a Ray scheduling hint; may be fractional).
-        num_gpus: GPUs per shard; ``None`` = 1 on a cluster with GPUs, else 0.
+        num_gpus: GPUs per shard; ``None`` = ``cluster.gpus_per_shard`` on a cluster with GPUs, else 0.
         torch_threads: intra-op threads of torch inside a shard; ``None`` = ``max(1, floor(num_cpus))``.
         max_restarts: Ray ``max_restarts`` of each shard actor (-1 = unlimited).
         max_task_retries: Ray ``max_task_retries`` of each shard actor (-1 = unlimited).
         max_redistributions: per scoring round, how many permanently dead shards may have their
             cases moved to the surviving shards (or to a replacement actor) before giving up.
+        node_check_s: while waiting on shards, check every this many seconds that their nodes are alive; the
+            cases of a shard whose node left the cluster are moved to live shards instead of waiting for a
+            restart that may never find room.
         prefault: touch every held case once at load so its pages are resident before scoring.
         progress: show a tqdm progress bar (cases scored) on the driver.
     """
@@ -62,8 +65,56 @@ class PoolConfig(StrictModel):
     max_restarts: int = Field(default=3, ge=-1)
     max_task_retries: int = Field(default=3, ge=-1)
     max_redistributions: int = Field(default=4, ge=0)
+    node_check_s: float = Field(default=10.0, gt=0)
     prefault: bool = True
     progress: bool = True
+
+
+class ClusterConfig(StrictModel):
+    """How the phases share the cluster's GPUs and where every node finds what it reads (``cluster:``).
+
+    The plan (:func:`raylearn.resource_plan.plan_resources`, checked against the live cluster before round 0):
+    with G GPUs, ``pool.n_shards`` (default G) shards each hold ``gpus_per_shard`` of a GPU for the whole run
+    (their cases stay resident; they score and evaluate on it), and ``train_workers`` (default G) Ray Train
+    workers each hold the rest of a GPU (``1 - gpus_per_shard``). Scoring, evaluation and training take turns
+    on the same devices, so nothing waits for a GPU that another phase holds idle.
+
+    Attributes:
+        gpus: GPUs the run plans for: ``auto`` = every GPU of the cluster, 0 = CPU only. More than the cluster
+            has is refused at start.
+        gpus_per_shard: share of one GPU each pool shard holds (0 < x < 1).
+        train_workers: Ray Train workers (DDP): ``auto`` = one per planned GPU, else ``train.num_workers``
+            on a CPU-only run.
+        min_train_workers: keep training after nodes are lost with as few as this many workers (Ray Train's
+            elastic ``ScalingConfig(num_workers=(min, max))``); None = a fixed worker group.
+        storage: Ray Train's ``storage_path`` as a URI every node resolves (an NFS/EFS path mounted at the same
+            place on every node, ``s3://...``, ``gs://...``); None = ``<output_dir>/ray_train``, which only works
+            when all nodes share that filesystem (checked at start).
+        label_store: folder of the run's versioned label store, which training workers read; None =
+            ``<output_dir>/labels``, which only works when all nodes share that filesystem (checked at start).
+        check_nodes: before round 0, run one probe task per node that reads the pool store, the storage and the
+            label store.
+    """
+
+    gpus: Literal["auto"] | int = "auto"
+    gpus_per_shard: float = Field(default=0.5, gt=0, lt=1)
+    train_workers: Literal["auto"] | int = "auto"
+    min_train_workers: int | None = Field(default=None, ge=1)
+    storage: str | None = None
+    label_store: str | None = None
+    check_nodes: bool = True
+
+    @model_validator(mode="after")
+    def _counts(self) -> ClusterConfig:
+        if isinstance(self.gpus, int) and self.gpus < 0:
+            raise ValueError(f"gpus: must be 'auto' or >= 0, got {self.gpus}")
+        if isinstance(self.train_workers, int) and self.train_workers < 1:
+            raise ValueError(f"train_workers: must be 'auto' or >= 1, got {self.train_workers}")
+        if (self.min_train_workers is not None and isinstance(self.train_workers, int)
+                and self.min_train_workers > self.train_workers):
+            raise ValueError(f"min_train_workers ({self.min_train_workers}) exceeds train_workers "
+                             f"({self.train_workers})")
+        return self
 
 
 class PhantomConfig(StrictModel):
@@ -164,6 +215,7 @@ class ExperimentConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     pool: PoolConfig = PoolConfig()
+    cluster: ClusterConfig = ClusterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     oracle: Literal["simulated", "human"] = "simulated"
 

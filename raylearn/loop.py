@@ -26,7 +26,16 @@ from raylearn.config import ConfigError
 from raylearn.experiment import ExperimentConfig, load_experiment
 from raylearn.ledger import Ledger, config_hash
 from raylearn.outputs import foreground_cost, pool_foreground_voxels, round_line, summary, write_outputs, write_summary
-from raylearn.runtime import ensure_ray, ensure_store, resolved_model, round_seed
+from raylearn.runtime import (
+    check_nodes,
+    ensure_ray,
+    ensure_store,
+    label_root,
+    plan_cluster,
+    resolved_model,
+    round_seed,
+    storage_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +125,7 @@ def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_ch
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_change: bool = False,
                    cold_start_from: str | Path | None = None, progress: bool = True,
                    on_round: Callable[[dict, list[dict]], None] | None = None,
-                   reference_dir: str | Path | None = None, step_hook=None) -> RunResult:
+                   reference_dir: str | Path | None = None, step_hook=None, case_hook=None) -> RunResult:
     """Run (or resume) one AL experiment; returns its rounds and summary.
 
     Args:
@@ -131,6 +140,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         reference_dir: where the full-pool reference is cached (``compare`` shares one); default
             ``output_dir/reference`` when ``evaluate.full_data_reference`` is on.
         step_hook: ``hook(rank, round, step, attempt)`` run in the training workers after every step.
+        case_hook: ``hook(shard, position, case_id)`` run in the pool shards after every scored case.
     """
     from raylearn.pool import ShardedPool
     from raylearn.reference import full_pool_reference, mean_metrics
@@ -174,18 +184,25 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     from raylearn.annotation import LabelledStore, LabelStore
     from raylearn.annotation.schedule import attach_run, make_schedule
 
-    labels = LabelStore(out / "labels", known_ids=set(pool_ids))  # the only labels training reads
+    labels = LabelStore(label_root(cfg), known_ids=set(pool_ids))  # the only labels training reads
     schedule = make_schedule(cfg, store, labels, attach_run(out, cfg, store, labels, pool_ids), pool_ids)
-    train_cfg = cfg.train.model_copy(update={"storage_path": str((out / "ray_train").resolve())})
+    storage = storage_uri(cfg)  # Ray Train's storage: a URI every node resolves (cluster.storage)
+    plan = plan_cluster(cfg, len(pool_ids) - len(labeled))  # ConfigError naming the key when it cannot fit
+    if cfg.cluster.check_nodes:
+        check_nodes(store, {"cluster.storage": storage, "cluster.label_store": str(labels.root)})
+    train_cfg = cfg.train.model_copy(update={"storage_path": storage, "use_gpu": plan.use_gpu})
     n_rounds = 1 + cfg.schedule.rounds
     trainer = make_round_trainer(LabelledStore(store, labels), model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
-                                 step_hook=step_hook)
+                                 step_hook=step_hook, storage=storage,
+                                 scaling={"num_workers": plan.train_workers, "use_gpu": plan.use_gpu,
+                                          "resources_per_worker": plan.train_resources})
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()
     try:
-        pool = ShardedPool(store, config=cfg.pool, case_ids=[c for c in pool_ids if c not in set(labeled)])
+        pool = ShardedPool(store, n_shards=plan.n_shards, resources_per_shard=plan.shard, config=cfg.pool,
+                           case_ids=[c for c in pool_ids if c not in set(labeled)], case_hook=case_hook)
     except BaseException:
         if started:
             trainer.stop()
@@ -283,9 +300,13 @@ def _evaluate_tasks(store, checkpoint: str, test_ids: list[str], metric_kw: dict
     from raylearn.evaluate import evaluate_chunk
     from raylearn.reference import mean_metrics
 
-    n = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(test_ids), os.cpu_count() or 1))
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))  # one chunk per GPU on a GPU cluster, else per CPU (the shards are gone by now)
+    n = max(1, min(gpus or int(res.get("CPU", 1)), len(test_ids), gpus or os.cpu_count() or 1))
     chunks = [c.tolist() for c in np.array_split(np.array(test_ids), n) if len(c)]
-    refs = [evaluate_chunk.remote(store, checkpoint, ids, **metric_kw) for ids in chunks]
+    blob = ray.put(Path(checkpoint).read_bytes())  # the bytes travel, not a driver-local path
+    refs = [evaluate_chunk.options(num_gpus=1 if gpus else 0).remote(store, blob, ids, **metric_kw)
+            for ids in chunks]
     rows = [row for part in ray.get(refs) for row in part]
     return mean_metrics(rows)
 

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 _ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
+class _NodeLost(RuntimeError):
+    """A shard's node left the cluster while the driver waited on the shard."""
+
+
 #: ``hook(shard_index, position, case_id)``: called in the shard process after each case is scored
 CaseHook = Callable[[int, int, str], None]
 
@@ -195,7 +199,8 @@ class PoolShard:
                 rows[name].append(compact_feature(name, value, cid))
         features = {name: np.stack(vals) for name, vals in rows.items()}
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
-                "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid()}
+                "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     # -- labelled cases and the test split (read from the store, not part of the pool) -------------
     def score_extra(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, feature_names: Sequence[str],
@@ -231,6 +236,10 @@ class PoolShard:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def where(self) -> tuple[int, str]:
+        """``(pid, node_id)`` of this shard process."""
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
 
 class ShardedPool:
@@ -277,8 +286,11 @@ class ShardedPool:
         if unknown:
             raise PoolError(f"resources_per_shard: unknown key(s) {sorted(unknown)} (allowed: num_cpus, num_gpus)")
         num_gpus = rps.get("num_gpus", cfg.num_gpus)
-        self._resources = {"num_cpus": float(rps.get("num_cpus", cfg.num_cpus)),
-                           "num_gpus": float((1 if res.get("GPU", 0) else 0) if num_gpus is None else num_gpus)}
+        if num_gpus is None:  # a share of a GPU: training workers take the rest (raylearn.resource_plan)
+            from raylearn.experiment import ClusterConfig
+
+            num_gpus = ClusterConfig().gpus_per_shard if res.get("GPU", 0) else 0
+        self._resources = {"num_cpus": float(rps.get("num_cpus", cfg.num_cpus)), "num_gpus": float(num_gpus)}
         self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
         self._case_hook = case_hook
         self._all_ids = set(ids)
@@ -286,21 +298,26 @@ class ShardedPool:
         self._actors: dict[int, Any] = {}
         self._assign: dict[int, list[str]] = {}
         self._pids: dict[int, int] = {}
+        self._nodes: dict[int, str] = {}
+        self._lost_refs: set[Any] = set()
         self._next_index = 0
         self._ckpt: tuple[str, Any] | None = None
         self.last_stats: dict[str, Any] = {}
         t0 = time.perf_counter()
         for members in balance([self._sizes[c] for c in ids], n):
             self._spawn([ids[k] for k in members])
-        self._pids = dict(zip(self._actors, ray.get([a.ping.remote() for a in self._actors.values()]), strict=True))
+        where = dict(zip(self._actors, ray.get([a.where.remote() for a in self._actors.values()]), strict=True))
+        self._pids = {i: w[0] for i, w in where.items()}
+        self._nodes = {i: w[1] for i, w in where.items()}
         self.startup_s = time.perf_counter() - t0
         log.info("pool: %d cases on %d shards (%s each), up in %.1f s", len(ids), n, self._resources, self.startup_s)
 
     def _spawn(self, ids: list[str]) -> int:
         i, self._next_index = self._next_index, self._next_index + 1
-        # scheduling_strategy="DEFAULT": never captured into an enclosing placement group (a Tune trial's)
+        # "SPREAD": one shard per node (and GPU) first; like "DEFAULT" it is never captured into an enclosing
+        # placement group (a Tune trial's)
         opts = dict(self._resources, max_restarts=self.config.max_restarts,
-                    max_task_retries=self.config.max_task_retries, scheduling_strategy="DEFAULT")
+                    max_task_retries=self.config.max_task_retries, scheduling_strategy="SPREAD")
         self._actors[i] = PoolShard.options(**opts).remote(
             self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._case_hook)
         self._assign[i] = list(ids)
@@ -335,8 +352,10 @@ class ShardedPool:
             if gone:
                 self._assign[i] = [c for c in held if c not in ids]
                 calls.append(self._actors[i].remove.remote(gone))
+        # bounded: a shard whose node left waits on a restart that may never find room
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=3 * self.config.node_check_s)
         try:
-            ray.get(calls)
+            ray.get(ready)
         except _ACTOR_ERRORS as err:  # the driver's record wins; the next score call re-syncs the shard
             log.warning("pool: a shard was unavailable during removal (%s); it re-syncs on the next score", err)
 
@@ -394,11 +413,19 @@ class ShardedPool:
         with tqdm(total=len(expected), unit="case", desc="scoring pool", disable=not self.config.progress,
                   leave=False) as bar:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=self.config.node_check_s)
+                if not done:  # nothing finished for a while: are the busy shards' nodes still there?
+                    lost = self._on_lost_nodes({ref: i for ref, (i, _) in pending.items()})
+                    if not lost:
+                        continue
+                    done = lost
                 i, ids = pending.pop(done[0])
                 try:
+                    if done[0] in self._lost_refs:
+                        self._lost_refs.discard(done[0])
+                        self._raise_lost(i)
                     res = ray.get(done[0])
-                except _ACTOR_ERRORS as err:
+                except _ACTOR_ERRORS + (_NodeLost,) as err:
                     moved += 1
                     if moved > self.config.max_redistributions:
                         raise PoolError(f"shard {i} lost for good and {moved - 1} redistribution(s) already "
@@ -412,6 +439,7 @@ class ShardedPool:
         out = merge_results(results, expected)
         restarted = sorted({r["shard"] for r in results if r["pid"] != self._pids.get(r["shard"], r["pid"])})
         self._pids.update({r["shard"]: r["pid"] for r in results})
+        self._nodes.update({r["shard"]: r["node_id"] for r in results})
         self.last_stats = {
             "wall_s": time.perf_counter() - t0, "put_s": put_s, "n_cases": len(expected),
             "n_shards": self.n_shards, "redistributions": moved, "restarted_shards": restarted,
@@ -428,36 +456,58 @@ class ShardedPool:
             self._ckpt = (digest, ray.put(blob))  # once per checkpoint, shared by every shard and every job
         return [self._ckpt[1]], digest, cls
 
-    def _spread(self, ids: Sequence[str]) -> list[tuple[Any, list[str]]]:
-        """``ids`` split over the live shards by voxel count (the test split, labelled cases)."""
-        actors = list(self._actors.values())
+    def _spread(self, ids: Sequence[str]) -> list[tuple[int, list[str]]]:
+        """``ids`` split over the live shards by voxel count (the test split, labelled cases): ``(shard, ids)``."""
+        index = sorted(self._actors)
         sizes = voxel_counts(self.store, list(ids))
-        return [(actors[j], [ids[k] for k in members])
-                for j, members in enumerate(balance(sizes, len(actors))) if members]
+        return [(index[j], [ids[k] for k in members])
+                for j, members in enumerate(balance(sizes, len(index))) if members]
+
+    def _run_spread(self, method: str, args: tuple, ids: Sequence[str]) -> list[Any]:
+        """Call ``method(*args, chunk)`` on the shards over ``ids`` and gather the results; a chunk whose shard
+        dies (or whose node leaves) is re-run on the live shards, the dead shard's pool cases moved to them."""
+        out: list[Any] = []
+        todo = [(i, getattr(self._actors[i], method).remote(*args, chunk), chunk) for i, chunk in self._spread(ids)]
+        for i, ref, chunk in todo:
+            try:
+                out.append(self._get_watching_nodes(ref, i))
+            except _ACTOR_ERRORS + (_NodeLost,) as err:
+                log.warning("pool: shard %d lost during %s (%s); re-running %d case(s)", i, method,
+                            str(err).splitlines()[0], len(chunk))
+                if i in self._actors:
+                    self._replace(i, [])
+                out.extend(self._run_spread(method, args, chunk))
+        return out
 
     def submit_evaluate(self, segmenter: Any, ids: Sequence[str], metric_kw: Mapping[str, Any] | None = None,
                         segmenter_cls: str | type | None = None) -> list[Any]:
         """Queue test-split evaluation on the shards (non-blocking); pass the refs to :meth:`collect_evaluate`.
 
         Submitted before :meth:`score` with the same checkpoint, evaluation of round r and scoring for round
-        r+1 share the loaded model and run back to back on every shard with no barrier in between.
+        r+1 share the loaded model and run back to back on every shard (each on its share of a GPU) with no
+        barrier in between.
         """
         ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
-        return [(a.evaluate.remote(ref, digest, cls, chunk, dict(metric_kw or {})), chunk)
-                for a, chunk in self._spread(list(ids))]
+        return [(self._actors[i].evaluate.remote(ref, digest, cls, chunk, dict(metric_kw or {})), chunk, i)
+                for i, chunk in self._spread(list(ids))]
 
     def collect_evaluate(self, pending: list[Any], segmenter: Any = None, metric_kw: Mapping[str, Any] | None = None,
                          segmenter_cls: str | type | None = None) -> list[dict[str, Any]]:
-        """Rows of :meth:`submit_evaluate`; a chunk whose shard died is re-run on a live one."""
+        """Rows of :meth:`submit_evaluate`; a chunk whose shard died (or whose node left) is re-run on live ones."""
         rows: list[dict[str, Any]] = []
-        for ref, chunk in pending:
+        for ref, chunk, i in pending:
             try:
-                rows.extend(ray.get(ref))
-            except _ACTOR_ERRORS as err:
+                rows.extend(self._get_watching_nodes(ref, i))
+            except _ACTOR_ERRORS + (_NodeLost,) as err:
                 if segmenter is None:
                     raise
-                log.warning("pool: a shard died during evaluation (%s); re-running %d case(s)", err, len(chunk))
-                rows.extend(ray.get(self.submit_evaluate(segmenter, chunk, metric_kw, segmenter_cls)[0][0]))
+                log.warning("pool: shard %d lost during evaluation (%s); re-running %d case(s)", i,
+                            str(err).splitlines()[0], len(chunk))
+                if i in self._actors:
+                    self._replace(i, [])
+                ref_, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
+                for part in self._run_spread("evaluate", (ref_, digest, cls), chunk):
+                    rows.extend(part)
         return rows
 
     def score_cases(self, segmenter: Any, ids: Sequence[str], feature_names: Sequence[str], params: Any = None,
@@ -469,13 +519,36 @@ class ShardedPool:
             return {}
         params = FeatureParams() if params is None else params
         ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
-        refs = [a.score_extra.remote(ref, digest, cls, list(feature_names), params, chunk)
-                for a, chunk in self._spread(list(ids))]
         out: dict[str, dict[str, np.ndarray]] = {}
-        for res in ray.get(refs):
+        for res in self._run_spread("score_extra", (ref, digest, cls, list(feature_names), params), list(ids)):
             for k, cid in enumerate(res["ids"]):
                 out[cid] = {name: col[k] for name, col in res["features"].items()}
         return out
+
+    # -- lost nodes -------------------------------------------------------------------------------
+    def _on_lost_nodes(self, busy: Mapping[Any, int]) -> list[Any]:
+        """Refs in ``busy`` (ref -> shard) whose shard sits on a node that left the cluster. Ray would restart
+        such a shard elsewhere only if some node has room, and a call waits on that restart; the driver moves
+        those cases to live shards instead (a late result of the lost call is never read: exactly once)."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = [ref for ref, i in busy.items() if self._nodes.get(i) and self._nodes[i] not in alive]
+        for ref in lost:
+            log.warning("pool: shard %d's node %s left the cluster", busy[ref], self._nodes[busy[ref]][:8])
+            self._lost_refs.add(ref)
+        return lost
+
+    def _raise_lost(self, i: int) -> Any:
+        raise _NodeLost(f"shard {i}'s node {self._nodes.get(i, '?')[:8]} left the cluster")
+
+    def _get_watching_nodes(self, ref: Any, owner: int) -> Any:
+        """``ray.get(ref)`` of shard ``owner``'s call, raising :class:`_NodeLost` when its node leaves meanwhile."""
+        while True:
+            done, _ = ray.wait([ref], timeout=self.config.node_check_s)
+            if done:
+                return ray.get(ref)
+            if self._on_lost_nodes({ref: owner}):
+                self._lost_refs.discard(ref)
+                self._raise_lost(owner)
 
     def _replace(self, dead: int, ids: Sequence[str]) -> dict[int, list[str]]:
         """Move a dead shard's cases onto the survivors (or a fresh actor); return who re-scores ``ids``."""

@@ -11,7 +11,8 @@ import numpy as np
 from raylearn.config import ConfigError
 from raylearn.experiment import ExperimentConfig
 
-__all__ = ["ensure_ray", "ensure_store", "resolved_model", "round_seed"]
+__all__ = ["check_nodes", "ensure_ray", "ensure_store", "label_root", "plan_cluster", "resolved_model",
+           "round_seed", "storage_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +93,111 @@ def resolved_model(cfg: ExperimentConfig, store):
         raise ConfigError(f"strategy: {err}") from None
     shapes = [tuple(s) for s in store.manifest["shape"]]  # from the manifest: no volume is read
     return resolve_model_config(cfg.model, shapes, mc_dropout_needed=bool(requires & MC_FEATURES))
+
+
+# -- the cluster: resource plan, storage every node resolves, a probe per node ----------------------------------
+def storage_uri(cfg: ExperimentConfig) -> str:
+    """Ray Train's ``storage_path``: ``cluster.storage`` (a URI pyarrow resolves: local/NFS path, ``s3://``,
+    ``gs://``), else ``<output_dir>/ray_train`` made absolute (readable by other nodes only on a shared
+    filesystem, which :func:`check_nodes` verifies)."""
+    if cfg.cluster.storage:
+        uri = cfg.cluster.storage
+        return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+    return str((Path(cfg.output_dir) / "ray_train").expanduser().resolve())
+
+
+def plan_cluster(cfg: ExperimentConfig, n_cases: int):
+    """The run's :class:`~raylearn.resource_plan.ResourcePlan` on the connected cluster (raises
+    :class:`ConfigError` naming the keys when it cannot fit)."""
+    import ray
+
+    from raylearn.resource_plan import ResourcePlanError, nodes_from_ray, plan_resources
+
+    try:
+        plan = plan_resources(nodes_from_ray(ray.nodes()), cfg.cluster, cfg.pool, cfg.train, n_cases)
+    except ResourcePlanError as err:
+        raise ConfigError(str(err)) from None
+    log.info("resource plan: %s; placement %s", plan.describe(), plan.placement)
+    return plan
+
+
+def label_root(cfg: ExperimentConfig) -> Path:
+    """Folder of the run's versioned label store: ``cluster.label_store``, else ``<output_dir>/labels``. Training
+    workers read labels from it, so on several nodes it must be on a filesystem they all mount."""
+    return Path(cfg.cluster.label_store or Path(cfg.output_dir) / "labels").expanduser().resolve()
+
+
+def _probe(store_path: str, case_id: str, shared: dict[str, str], marker: str, token: str) -> dict:
+    """On one node: open the pool store and read a case; read the marker the driver wrote into each shared
+    location (``{config key: URI}``). Returns ``{"node_id", "data.store": error | None, key: error | None, ...}``."""
+    import pyarrow.fs as pafs
+    import ray
+
+    from raylearn.data.store import PoolStore
+
+    out: dict = {"node_id": ray.get_runtime_context().get_node_id(), "data.store": None}
+    try:
+        store = PoolStore.open(store_path)
+        float(np.asarray(store.get(case_id).image).sum())
+    except Exception as err:  # noqa: BLE001 - reported back per node
+        out["data.store"] = f"{type(err).__name__}: {err}"
+    for key, uri in shared.items():
+        out[key] = None
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+            with fs.open_input_stream(f"{path}/{marker}") as f:
+                if f.read().decode() != token:
+                    out[key] = "the marker file holds another run's token"
+        except Exception as err:  # noqa: BLE001
+            out[key] = f"{type(err).__name__}: {err}"
+    return out
+
+
+_FIX = {
+    "data.store": "Put data.store on storage every node mounts at the same path (NFS/EFS), or run on one node",
+    "cluster.storage": "Set cluster.storage to a path every node mounts (NFS/EFS) or an object-store URI "
+                       "(s3://..., gs://...)",
+    "cluster.label_store": "Set cluster.label_store to a folder every node mounts at the same path (NFS/EFS)",
+}
+
+
+def check_nodes(store, shared: dict[str, str], timeout_s: float = 300.0) -> int:
+    """One probe task pinned to every alive node (``NodeAffinitySchedulingStrategy``, 0 CPUs): it must read the
+    pool store and a marker the driver writes into each of ``shared`` (``{config key: path or URI}``, e.g. Ray
+    Train's storage and the label store). Raises :class:`ConfigError` naming the key, the nodes that failed and
+    what to change. Returns the number of nodes probed.
+
+    The pool store is read in place, so it must be on storage every node mounts at the same path (NFS/EFS): it
+    is not copied to nodes."""
+    import uuid
+
+    import pyarrow.fs as pafs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker, token = f".raylearn-probe-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    written = []
+    try:
+        for uri in shared.values():
+            fs, path = pafs.FileSystem.from_uri(uri)
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{marker}") as f:
+                f.write(token.encode())
+            written.append((fs, f"{path}/{marker}"))
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+        case_id = sorted(store.case_ids())[0]
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(store.path), case_id, dict(shared), marker, token) for n in nodes}
+        got = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+    finally:
+        for fs, path in written:
+            fs.delete_file(path)
+    where = {"data.store": str(store.path), **shared}
+    for key in ("data.store", *shared):
+        bad = {node: res[key] for node, res in got.items() if res[key]}
+        if bad:
+            raise ConfigError(f"{key}: {len(bad)} of {len(got)} node(s) cannot read {where[key]} "
+                              f"({'; '.join(f'{k}: {v}' for k, v in bad.items())}). {_FIX[key]}")
+    return len(got)

@@ -39,7 +39,9 @@ def test_cluster_yaml_has_the_launcher_keys_and_matching_ray():
         assert "node_config" in n and "resources" in n
     assert cfg["docker"]["image"].split(":")[1].startswith(_pinned_ray())
     setup = " ".join(cfg["setup_commands"])
-    assert "torch==2.14.1" in setup and f"ray[train,tune,serve]=={_pinned_ray()}" in setup and "raylearn" in setup
+    assert "-r /home/ray/raylearn/requirements.lock" in setup and "--no-deps -e /home/ray/raylearn" in setup
+    lock = (REPO / "requirements.lock").read_text()  # the pins the setup installs
+    assert "\ntorch==2.14.1\n" in lock and f"\nray=={_pinned_ray()}\n" in lock
 
 
 def test_runtime_env_is_valid_for_ray():

@@ -28,15 +28,17 @@ class MonaiRounds:
     """Rounds on the persistent training service."""
 
     def __init__(self, store, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int, run_root: Path,
-                 resume: bool, step_hook=None, name: str = "service", init_checkpoint: str | None = None) -> None:
+                 resume: bool, step_hook=None, name: str = "service", init_checkpoint: str | None = None,
+                 storage: str | None = None, scaling: dict | None = None) -> None:
         from raylearn.train.service import TrainingService
 
         self.ckpt_dir = Path(run_root) / "checkpoints"
         # on resume the service's own latest checkpoint wins; the last recorded round's weights are the
         # fallback when the run directory is gone (the optimiser state is then lost, and said so)
         self.service = TrainingService(store, model_cfg, train_cfg, total_steps,
-                                       storage_path=Path(run_root) / "ray_train", name=name, resume=resume,
-                                       step_hook=step_hook, init_checkpoint=init_checkpoint)
+                                       storage_path=storage or Path(run_root) / "ray_train", name=name,
+                                       resume=resume, step_hook=step_hook, init_checkpoint=init_checkpoint,
+                                       scaling=scaling)
 
     def start(self) -> MonaiRounds:
         self.service.start()
@@ -88,9 +90,15 @@ class NnunetRounds:
 
 
 def make_round_trainer(store, model_cfg: ModelConfig, train_cfg: TrainConfig, run_root: Path, rounds: int,
-                       resume: bool, previous_checkpoint: str | None = None, step_hook=None):
-    """The backend's round trainer for an experiment of ``1 + rounds`` rounds."""
+                       resume: bool, previous_checkpoint: str | None = None, step_hook=None,
+                       storage: str | None = None, scaling: dict | None = None):
+    """The backend's round trainer for an experiment of ``1 + rounds`` rounds.
+
+    ``storage`` (Ray Train's storage URI, default ``<run_root>/ray_train``) and ``scaling`` (the resource plan's
+    ``num_workers`` / ``resources_per_worker`` / ``use_gpu``) apply to the MONAI service; the round checkpoints the
+    driver keeps stay under ``run_root/checkpoints`` beside the ledger."""
     if model_cfg.backend == "nnunet":
         return NnunetRounds(store, model_cfg, train_cfg, run_root, resume, init_checkpoint=previous_checkpoint)
     return MonaiRounds(store, model_cfg, train_cfg, train_cfg.run_steps(rounds), run_root, resume,
-                       step_hook=step_hook, init_checkpoint=previous_checkpoint if resume else None)
+                       step_hook=step_hook, init_checkpoint=previous_checkpoint if resume else None,
+                       storage=storage, scaling=scaling)

@@ -21,7 +21,7 @@ cleared first, so a fresh run never continues a stale one.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -79,16 +79,24 @@ class TrainingService:
         model_cfg: the resolved model config (numeric ``patch_size`` and ``dropout``).
         train_cfg: recipe, Ray Train scaling and fault tolerance.
         total_steps: the run's whole step budget (the LR schedule spans it).
-        storage_path: Ray Train storage; the run lives in ``<storage_path>/<name>``.
+        storage_path: Ray Train storage, a path or a URI pyarrow resolves on every node (``s3://``, ``gs://``,
+            an NFS mount); the run lives in ``<storage_path>/<name>``.
         name: Ray Train run name.
         resume: continue the run directory's latest checkpoint instead of clearing it.
         init_checkpoint: warm-start weights for a fresh run (path to a MONAI checkpoint).
         step_hook: ``hook(rank, round, step, attempt)`` run in the workers after every step (pickled).
+        scaling: the run's resource plan for training (:class:`~raylearn.resource_plan.ResourcePlan`'s
+            ``train_workers`` / ``train_resources`` / ``use_gpu``): ``{"num_workers": int | (min, max),
+            "resources_per_worker": {...}, "use_gpu": bool}``; None = ``train_cfg``'s own settings.
+
+    Test switch: ``RAYLEARN_GPU_FALLBACK=cpu`` (logical ``GPU`` resources without CUDA, as in the multi-node tests)
+    makes a ``use_gpu`` run's process group use gloo instead of NCCL; the models then run on the CPU.
     """
 
     def __init__(self, store, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
                  storage_path: str | Path, name: str = "service", resume: bool = False,
-                 init_checkpoint: str | Path | None = None, step_hook: StepHook | None = None) -> None:
+                 init_checkpoint: str | Path | None = None, step_hook: StepHook | None = None,
+                 scaling: dict[str, Any] | None = None) -> None:
         if model_cfg.backend != "monai_unet":
             raise ValueError("TrainingService trains the MONAI backend; nnU-Net rounds use raylearn.train.nnunet")
         if model_cfg.patch_size == "auto" or model_cfg.dropout == "auto":
@@ -101,7 +109,9 @@ class TrainingService:
         self.store = store
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
         self.total_steps = int(total_steps)
-        self.storage = Path(storage_path).expanduser().resolve()
+        self.storage = str(storage_path) if "://" in str(storage_path) else \
+            str(Path(storage_path).expanduser().resolve())
+        self.scaling = dict(scaling or {})
         self.name, self.resume = name, resume
         self.init_checkpoint = init_checkpoint
         self.step_hook = step_hook
@@ -112,25 +122,35 @@ class TrainingService:
         self.startup_s = 0.0
 
     @property
-    def run_dir(self) -> Path:
-        return self.storage / self.name
+    def run_dir(self) -> str:
+        """``<storage>/<name>``: a local path or a URI."""
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    def _clear_run_dir(self) -> None:
+        """Delete a previous run's directory through pyarrow (local, NFS or object storage alike)."""
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(self.run_dir)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            logger.info("training service: clearing the previous run in %s", self.run_dir)
+            fs.delete_dir(path)
+        base_fs, base = pafs.FileSystem.from_uri(self.storage)
+        base_fs.create_dir(base, recursive=True)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> TrainingService:
         """Create the coordinator and launch the experiment's single ``TorchTrainer.fit()`` in a thread."""
         import ray
         import ray.train
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchConfig, TorchTrainer
 
         from raylearn.models.training import check_init_checkpoint
         from raylearn.train.coordinator import RoundCoordinator
         from raylearn.train.worker import service_loop
 
         t0 = time.perf_counter()
-        if self.run_dir.exists() and not self.resume:
-            logger.info("training service: clearing the previous run in %s", self.run_dir)
-            shutil.rmtree(self.run_dir)
-        self.storage.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            self._clear_run_dir()
         in_ch, n_cls = int(self.store.num_channels), int(self.store.num_classes)
         init_ref = None
         if self.init_checkpoint is not None:
@@ -139,9 +159,18 @@ class TrainingService:
             state = check_init_checkpoint(self.init_checkpoint, self.model_cfg, in_ch, n_cls)
             train_state = MonaiSegmenter.read_checkpoint(self.init_checkpoint).get("train_state")
             init_ref = ray.put({"state_dict": state, "train_state": train_state})
-        self.coordinator = RoundCoordinator.remote()
+        # the round queue lives on the driver's node (the head of a cluster): losing a worker node never loses it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        self.coordinator = RoundCoordinator.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
         cfg = self.train_cfg
-        resources = dict(cfg.resources_per_worker or {"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})})
+        use_gpu = bool(self.scaling.get("use_gpu", cfg.use_gpu))
+        num_workers = self.scaling.get("num_workers", cfg.num_workers)
+        resources = dict(self.scaling.get("resources_per_worker") or cfg.resources_per_worker
+                         or {"CPU": 1, **({"GPU": 1} if use_gpu else {})})
+        backend = "gloo" if use_gpu and os.environ.get("RAYLEARN_GPU_FALLBACK") == "cpu" else None
         config = {
             "store": self.store, "coordinator": self.coordinator, "init_state": init_ref,
             "model_cfg": self.model_cfg.model_dump(mode="json"), "train_cfg": cfg.model_dump(mode="json"),
@@ -151,8 +180,9 @@ class TrainingService:
         trainer = TorchTrainer(
             service_loop,
             train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                                   resources_per_worker=resources),
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ray.train.ScalingConfig(num_workers=tuple(num_workers) if isinstance(
+                num_workers, list | tuple) else int(num_workers), use_gpu=use_gpu, resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=self.name, storage_path=str(self.storage),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -170,8 +200,8 @@ class TrainingService:
         self._thread = threading.Thread(target=_fit, name=f"raylearn-train-{self.name}", daemon=True)
         self._thread.start()
         self.startup_s = time.perf_counter() - t0
-        logger.info("training service %s: %d worker(s), %s each, %d steps in all", self.name, cfg.num_workers,
-                    resources, self.total_steps)
+        logger.info("training service %s: %s worker(s), %s each, %d steps in all, storage %s", self.name,
+                    num_workers, resources, self.total_steps, self.storage)
         return self
 
     def stop(self, timeout_s: float = 120.0) -> None:

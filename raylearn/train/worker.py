@@ -68,6 +68,9 @@ class _Loop:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(_threads(cfg, ctx))
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda" and os.environ.get("RAYLEARN_GPU_FALLBACK") == "cpu" \
+                and not torch.cuda.is_available():  # test switch: logical GPUs without CUDA (multi-node tests)
+            self.device = torch.device("cpu")
         store = config["store"]
         self.store = PoolStore.open(store) if isinstance(store, str | Path) else store
         self.coord = config["coordinator"]
@@ -90,7 +93,7 @@ class _Loop:
                 self._load_train_state(init["train_state"], attempt_offset=0)
             else:
                 self.seg.load_state_dict(init["state_dict"])
-        self.model = ray.train.torch.prepare_model(self.seg.network)
+        self.model = ray.train.torch.prepare_model(self.seg.network, move_to_device=self.device)
         # labels come from the label store (a LabelledStore); a corrected label is read again
         self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_case,
                                  version_of=getattr(self.store, "label_version", None))
