@@ -143,6 +143,7 @@ class AsyncSchedule(SyncSchedule):
 
     def budget(self, budget: int, view) -> int:
         free = int((~np.asarray(view.labeled_mask)).sum())
+        self._want = budget  # the round's labels; the lookahead only keeps annotators busy
         return max(0, min(budget + self.lookahead, free)) if budget > 0 else 0
 
     def _new(self, labeled: list[str]) -> list[str]:
@@ -156,7 +157,8 @@ class AsyncSchedule(SyncSchedule):
                 ) -> tuple[list[str], LabelReceipt]:
         self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
-        want = len(chosen) if r == 0 else min(self.k, len(chosen))  # round 0: the whole cold start
+        base = min(getattr(self, "_want", len(chosen)), len(chosen))
+        want = base if r == 0 else min(self.k, base)  # round 0: the whole cold start
         t0 = time.monotonic()
         while True:
             new = self._new(labeled)

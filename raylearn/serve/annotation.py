@@ -206,35 +206,38 @@ class AnnotationService:
                 "paused": bool((self.ws.read("control") or {}).get("paused", False))}
 
     # -- inference --------------------------------------------------------------------------------
-    def checkpoint(self) -> str:
-        ckpt = self.ws.queue().get("checkpoint")
+    def checkpoint(self) -> tuple[str, int | None]:
+        """The current model's checkpoint and version (one read of the queue, so they belong together)."""
+        q = self.ws.queue()
+        ckpt = q.get("checkpoint")
         if not ckpt or not Path(ckpt).is_file():
             raise HTTPException(503, "no model yet: the first round has not finished training",
                                 headers={"Retry-After": "30"})
-        return ckpt
+        return ckpt, q.get("model_version")
 
     def segmenter(self):
+        """``(segmenter, checkpoint path, model version)``; reloaded when the driver publishes a new round."""
         from raylearn.models.loading import load_segmenter
 
-        path = self.checkpoint()
+        path, version = self.checkpoint()
         mtime = Path(path).stat().st_mtime
         with self._lock:
             if self._segmenter is None or self._segmenter[:2] != (path, mtime):
                 self._segmenter = (path, mtime, load_segmenter(path, device=self.cfg.infer_device))
-            return self._segmenter[2], path
+            return self._segmenter[2], path, version
 
     def infer(self, case_id: str) -> tuple[bytes, dict]:
         """The current model's prediction of a pool case as ``.nii.gz`` on the source grid, and its details."""
         from raylearn.serve.volumes import nifti_bytes
 
         self.pool_case(case_id)
-        seg, path = self.segmenter()
+        seg, path, version = self.segmenter()
         t0 = time.perf_counter()
         pred = np.asarray(seg.predict_label(self.store().get(case_id).image), dtype=np.uint8)
         img = self.store().restore(case_id, pred)
         counts = np.bincount(pred.ravel(), minlength=len(self.classes()))
-        params = {"model": "segmenter", "checkpoint": Path(path).name, "model_version": self.ws.queue().get(
-            "model_version"), "latency_ms": round(1e3 * (time.perf_counter() - t0), 1),
+        params = {"model": "segmenter", "checkpoint": Path(path).name, "model_version": version,
+                  "latency_ms": round(1e3 * (time.perf_counter() - t0), 1),
             "label_names": {v: k for k, v in self.classes().items()},
             "voxels": {self.classes().get(k, str(k)): int(n) for k, n in enumerate(counts) if k}}
         return nifti_bytes(_array(img), img), params

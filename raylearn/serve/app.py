@@ -64,9 +64,12 @@ def run_server(config_path: str | None = None, host: str | None = None, port: in
     import ray
 
     cfg = load_serve_config(config_path) if config_path else ServeConfig()
+    ann = cfg.ingress.annotation
+    if ann is not None and not os.path.isabs(os.path.expanduser(ann.run_dir)):  # the replicas' cwd is not ours
+        ann.run_dir = os.path.abspath(os.path.expanduser(ann.run_dir))
     host, port = host or cfg.host, cfg.port if port is None else port
     token = os.environ.get(cfg.ingress.auth_token_env) or None
-    if not (cfg.ingress.auth_token or token):
+    if not (cfg.ingress.auth_token or token or (ann is not None and ann.users)):  # annotation users turn auth on
         warning = NO_AUTH_WARNING.format(env=cfg.ingress.auth_token_env)
         log.warning("raylearn serve: %s", warning)
         if blocking:
