@@ -59,3 +59,34 @@ def test_compare_rejects_unknown_strategy_before_running(tmp_path):
     with pytest.raises(ConfigError, match="nope"):
         compare(_base(tmp_path), ["random", "nope"], [0], tmp_path / "x")
     assert not (tmp_path / "x" / "random").exists()
+
+
+@pytest.mark.slow  # 2 seeds x 3 rounds + the reference: about 4 min on 2 busy cores
+def test_clasp_pe_runs_with_an_fg_random_cold_start_and_counts_foreground(ray_session, tmp_path):
+    """ClaSP PE end to end (its noise schedule reads the round from the loop): the cold start is fg_random on the
+    store's ground truth (no model needed), every round records the cost in foreground, and the compare table
+    carries S95%, the foreground share and FG-Eff. (The paired comparison needs two strategies; it is covered by
+    the unit tests in test_curves.py.)"""
+    import csv
+
+    from raylearn.compare import compare
+    from raylearn.ledger import Ledger
+
+    base = _base(tmp_path)
+    base = base.model_copy(update={
+        "cold_start": base.cold_start.model_copy(update={"strategy": "fg_random", "params": {"all_classes": True}}),
+        "schedule": base.schedule.model_copy(update={"rounds": 2}),
+        "evaluate": base.evaluate.model_copy(update={"full_data_reference": True}),
+    })
+    out = tmp_path / "cmp"
+    res = compare(base, ["clasp_pe"], [0, 1], out)
+    rows = list(csv.DictReader(open(out / "clasp_pe" / "seed_0" / "rounds.csv")))
+    fg = [float(r["fraction_fg_labelled"]) for r in rows]
+    assert len(fg) == 3 and 0 < fg[0] < fg[1] < fg[2] <= 1
+    recs = Ledger(out / "clasp_pe" / "seed_0" / "ledger.jsonl", readonly=True).rounds()
+    assert [r["n_labeled"] for r in recs] == [2, 4, 6]
+    assert recs[-1]["fg_labelled_voxels"] == sum(r["annotated_fg_voxels"] for r in recs)
+    (row,) = res["rows"]
+    assert len(row["fg_fractions"]) == 3 and "fg_eff" in row and "s95_percent" in row
+    md = (out / "compare.md").read_text()
+    assert "FG% (end)" in md and "S95%" in md and "FG-Eff" in md
