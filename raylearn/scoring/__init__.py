@@ -3,6 +3,7 @@
 from raylearn.scoring.reduce import REDUCTIONS, foreground_volume, reduce_map, topk_count, weighted_pool
 from raylearn.scoring.uncertainty import (
     bald,
+    class_weighted_entropy,
     entropy,
     least_confidence,
     margin,
@@ -14,6 +15,7 @@ from raylearn.scoring.uncertainty import (
 __all__ = [
     "REDUCTIONS",
     "bald",
+    "class_weighted_entropy",
     "entropy",
     "foreground_volume",
     "least_confidence",

@@ -157,3 +157,15 @@ def test_labelled_rows_may_be_unscored_unless_the_strategy_uses_them(name):
             strat.select(nan_pool, 4)
     else:
         np.testing.assert_array_equal(strat.select(nan_pool, 4), strat.select(pool, 4))
+
+
+def test_poolview_round_context():
+    ids, mask = np.array(["a", "b"]), np.zeros(2, bool)
+    assert PoolView(ids, mask).round_index is None and PoolView(ids, mask).n_rounds is None
+    v = PoolView.from_records(["a", "b"], set(), {"a": {"entropy": np.float32(1)}, "b": {"entropy": np.float32(2)}},
+                              round_index=3, n_rounds=4)
+    assert (v.round_index, v.n_rounds) == (3, 4)
+    with pytest.raises(ValueError, match="round_index 5 exceeds n_rounds 4"):
+        PoolView(ids, mask, round_index=5, n_rounds=4)
+    with pytest.raises(ValueError, match="n_rounds must be a non-negative integer"):
+        PoolView(ids, mask, n_rounds=-1)
