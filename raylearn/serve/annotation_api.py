@@ -186,7 +186,8 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
         data = await label.read()
         from raylearn.serve.volumes import VolumeLimits
 
-        limits = VolumeLimits(svc.cfg.max_voxels, svc.cfg.max_voxels, 1.0)
+        # a label is never resampled to the model's spacing: only the stored-voxel cap applies
+        limits = VolumeLimits(svc.cfg.max_voxels, 1 << 62, 1.0)
         return await svc._bounded("label: validating and storing", a.save_label, image, data, tag or "final",
                                   user, p, limits)
 
