@@ -8,10 +8,12 @@ The round loop stays one loop; a schedule decides four things in it:
 - ``collect(r, chosen, labeled, checkpoint)``: publishes the suggestions to the annotation workspace (the API
   serves them) and returns the round's labels. Sync: the oracle labels ``chosen`` (simulated: ground truth into
   the label store; human: waits for the uploads). Async: waits for ``labels_per_round`` *new* labels (any
-  cases) or ``round_timer_s`` with at least one.
-- ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and labels that
-  arrive while it trains are handed to it (``TrainingService.extend_round``; the workers pick them up between
-  steps); returns those ids too.
+  cases) or ``round_timer_s`` with at least one; a round takes at most ``labels_per_round`` (round 0: the
+  cold-start size), so both modes spend the label budget over the same number of rounds.
+- ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and, when the timer
+  started it short of its quota, labels that arrive while it trains fill the rest
+  (``TrainingService.extend_round``; the workers pick them up between steps); returns those ids too. Labels
+  beyond the quota wait for the next round.
 
 With ``oracle: simulated`` in async mode, :class:`raylearn.annotation.simulate.SimulatedAnnotators` label the
 suggestions in threads after a delay (people stand-ins); with ``oracle: human`` people do, over HTTP.
@@ -143,8 +145,10 @@ class AsyncSchedule(SyncSchedule):
 
     def budget(self, budget: int, view) -> int:
         free = int((~np.asarray(view.labeled_mask)).sum())
+        if budget <= 0:
+            return 0
         self._want = budget  # the round's labels; the lookahead only keeps annotators busy
-        return max(0, min(budget + self.lookahead, free)) if budget > 0 else 0
+        return max(0, min(budget + self.lookahead, free))
 
     def _new(self, labeled: list[str]) -> list[str]:
         """Labelled ids not in ``labeled`` yet, in label order, capped at ``schedule.max_labeled``."""
@@ -164,11 +168,13 @@ class AsyncSchedule(SyncSchedule):
             new = self._new(labeled)
             waited = time.monotonic() - t0
             if len(new) >= want or (r > 0 and new and waited >= self.timer_s):
+                new = new[:want]  # a round takes at most its quota; later labels go to the next round
                 break
             if self.timeout_s is not None and waited > self.timeout_s:
                 raise OracleTimeout(f"round {r}: {len(new)} of {want} labels after {self.timeout_s:g} s")
             time.sleep(0.2)
         log.info("round %d: %d new label(s) after %.1f s", r, len(new), time.monotonic() - t0)
+        self._quota_left = want - len(new)  # a timer-started round takes the rest while it trains
         return new, _receipt(self.labels, new)
 
     def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
@@ -182,7 +188,8 @@ class AsyncSchedule(SyncSchedule):
                 res = service.wait_round(r, timeout_s=1.0)
                 break
             except TimeoutError:
-                new = [c for c in self._new(have) if c not in added]
+                room = getattr(self, "_quota_left", 0) - len(added)
+                new = [c for c in self._new(have) if c not in added][: max(0, room)]
                 if new:
                     service.extend_round(r, new)
                     added += new

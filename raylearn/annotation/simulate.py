@@ -93,6 +93,7 @@ class SimulatedAnnotators:
         self._threads: list[threading.Thread] = []
         self.idle = [0.0] * len(self.clients)
         self.labelled: list[tuple[float, str, str]] = []  # (time, user, case)
+        self.first_case_at: float | None = None  # unix time the first case was handed out
         self.errors: list[str] = []
 
     def start(self) -> SimulatedAnnotators:
@@ -112,6 +113,8 @@ class SimulatedAnnotators:
             except Exception as err:  # noqa: BLE001 - a server restarting: count as idle, retry
                 self.errors.append(f"next: {err}")
                 case = None
+            if case is not None and self.first_case_at is None:
+                self.first_case_at = time.time()
             if case is None:
                 self._stop.wait(self.poll_s)
                 self.idle[i] += time.monotonic() - t0

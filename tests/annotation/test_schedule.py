@@ -100,11 +100,14 @@ def test_async_schedule_view_budget_and_label_driven_rounds(tmp_path):
     labels.put("c4", store.cases["c4"], "human", "bob")
     t0 = time.monotonic()
     new, _ = sched.collect(2, ["c6", "c7"], ["c0", "c3"], "ckpt")
-    assert new == ["c4"] and time.monotonic() - t0 >= 0.5
-    # the label budget caps what a round takes
+    assert new == ["c4"] and time.monotonic() - t0 >= 0.5 and sched._quota_left == 1  # the rest mid-round
+    # the label budget caps what a round takes, and so does its quota
     for c in ("c1", "c2", "c6"):
         labels.put(c, store.cases[c], "human", "x")
     assert sched._new(["c0", "c3", "c4"]) == ["c1", "c2"]
+    sched.budget(2, v)
+    new, _ = sched.collect(3, ["c7", "c5"], ["c0", "c3", "c4"], "ckpt")
+    assert new == ["c1", "c2"] and sched._quota_left == 0
 
 
 def test_simulated_annotators_label_the_queue_with_leases(tmp_path):
