@@ -31,6 +31,7 @@ from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Reques
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from raylearn.serve.api import ERRORS
 from raylearn.serve.guard import User
 
 if TYPE_CHECKING:
@@ -85,13 +86,15 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
     async def off_loop(fn, *args):
         return await asyncio.to_thread(fn, *args)
 
+    ml = APIRouter(responses=ERRORS)  # MONAI Label's paths; every error body is {"detail": str}
+
     # -- auth ---------------------------------------------------------------------------------------
-    @app.get("/auth/", tags=["MONAI Label"])
+    @ml.get("/auth/", tags=["MONAI Label"])
     async def auth_info() -> dict:
         """Whether bearer tokens are required (MONAI Label's ``auth_enabled``)."""
         return {"enabled": svc.guard.enabled, "client_id": "raylearn", "realm": "raylearn"}
 
-    @app.post("/auth/token", tags=["MONAI Label"])
+    @ml.post("/auth/token", tags=["MONAI Label"])
     async def auth_token(username: Annotated[str, Form()], password: Annotated[str, Form()]) -> dict:
         """Exchange a user name and its token (as the password) for the bearer token MONAI Label clients send."""
         user = svc.guard.identify(f"Bearer {password}")
@@ -99,12 +102,12 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
             raise HTTPException(401, "unknown user or wrong token", headers={"WWW-Authenticate": "Bearer"})
         return {"access_token": password, "token_type": "Bearer"}
 
-    @app.get("/auth/token/valid", tags=["MONAI Label"])
+    @ml.get("/auth/token/valid", tags=["MONAI Label"])
     async def auth_valid(request: Request) -> dict:
         return {"user": who(request, "annotator").name}
 
     # -- info / active learning -----------------------------------------------------------------------
-    @app.get("/info/", tags=["MONAI Label"])
+    @ml.get("/info/", tags=["MONAI Label"])
     async def info(request: Request) -> dict:
         """MONAI Label's app info: labels, the ``segmenter`` model, strategies, datastore counts."""
         who(request, "annotator")
@@ -119,7 +122,7 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                 "trainers": {}, "strategies": {k: {"description": v} for k, v in STRATEGIES.items()},
                 "scoring": {}, "train_stats": {}, "datastore": await off_loop(a.datastore_stats)}
 
-    @app.post("/activelearning/{strategy}", tags=["MONAI Label"])
+    @ml.post("/activelearning/{strategy}", tags=["MONAI Label"])
     async def next_sample(strategy: str, request: Request) -> dict:
         """The next case for the caller, leased to them (their open case first); ``{}`` when none is free."""
         user = who(request, "annotator")
@@ -141,7 +144,7 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                 "name": lease.case_id}
 
     # -- datastore --------------------------------------------------------------------------------------
-    @app.get("/datastore/", tags=["MONAI Label"])
+    @ml.get("/datastore/", tags=["MONAI Label"])
     async def datastore(request: Request, output: Literal["stats", "all", "train"] | None = None):
         who(request, "annotator")
         a = annotation()
@@ -152,20 +155,20 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
             return [{"image": c, "label": c} for c in ids]
         return await off_loop(a.datastore_stats)
 
-    @app.get("/datastore/image", tags=["MONAI Label"])
+    @ml.get("/datastore/image", tags=["MONAI Label"])
     async def download_image(request: Request, image: str):
         who(request, "annotator")
         path = await off_loop(annotation().image_path, image)
         ext = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
         return FileResponse(path, media_type="application/octet-stream", filename=f"{image}{ext}")
 
-    @app.head("/datastore/image", tags=["MONAI Label"])
+    @ml.head("/datastore/image", tags=["MONAI Label"])
     async def check_image(request: Request, image: str) -> Response:
         who(request, "annotator")
         await off_loop(annotation().image_path, image)
         return Response(status_code=200)
 
-    @app.get("/datastore/image/info", tags=["MONAI Label"])
+    @ml.get("/datastore/image/info", tags=["MONAI Label"])
     async def image_info(request: Request, image: str) -> dict:
         who(request, "annotator")
         a = annotation()
@@ -176,7 +179,7 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                 "origin": meta["source"]["origin"], "direction": meta["source"]["direction"],
                 "labelled": rec is not None, "label_version": rec.version if rec else None}
 
-    @app.put("/datastore/label", tags=["MONAI Label"])
+    @ml.put("/datastore/label", tags=["MONAI Label"])
     async def save_label(request: Request, image: str, label: Annotated[UploadFile, File()],
                          tag: str = "final", params: Annotated[str, Form()] = "{}") -> dict:
         """Upload a label (NIfTI / MetaImage / NRRD on the image's grid); validated, then stored durably."""
@@ -191,7 +194,7 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
         return await svc._bounded("label: validating and storing", a.save_label, image, data, tag or "final",
                                   user, p, limits)
 
-    @app.get("/datastore/label", tags=["MONAI Label"])
+    @ml.get("/datastore/label", tags=["MONAI Label"])
     async def download_label(request: Request, label: str, tag: str = "final",
                              version: Annotated[int | None, Query(ge=1)] = None) -> Response:
         who(request, "annotator")
@@ -200,7 +203,7 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                         headers={"Content-Disposition": f'attachment; filename="{label}.nii.gz"'})
 
     # -- inference --------------------------------------------------------------------------------------
-    @app.post("/infer/{model}", tags=["MONAI Label"])
+    @ml.post("/infer/{model}", tags=["MONAI Label"])
     async def infer(request: Request, model: str, image: str = "",
                     output: Literal["image", "json", "all"] | None = None,
                     params: Annotated[str, Form()] = "{}") -> Response:
@@ -221,7 +224,9 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
         return _multipart(out, f"{image}.nii.gz", data)
 
     # -- raylearn's own ---------------------------------------------------------------------------------
-    v1 = APIRouter(prefix="/v1/annotation", tags=["annotation"])
+    app.include_router(ml)
+    v1 = APIRouter(prefix="/v1/annotation", tags=["annotation"], responses={**ERRORS, 403: ERRORS[401],
+                                                                            409: ERRORS[401], 410: ERRORS[401]})
 
     @v1.get("/status")
     async def status(request: Request) -> dict:
