@@ -17,7 +17,7 @@ Usage (run it alone on the machine; the lead schedules the full run)::
 
     python benchmarks/clasp_pe.py [--strategies clasp_pe,fg_random,random,entropy] [--seeds 3] [--cold 8]
         [--rounds 3] [--batch 4] [--first-steps 300] [--steps 200] [--out runs/bench_clasp]
-    python benchmarks/clasp_pe.py --quick     # a minutes-long smoke run on phantoms; writes no results file
+    python benchmarks/clasp_pe.py --quick     # phantom smoke run (about 20 min on 2 busy cores); no results file
 """
 
 from __future__ import annotations
