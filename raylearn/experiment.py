@@ -85,8 +85,8 @@ class ClusterConfig(StrictModel):
         gpus_per_shard: share of one GPU each pool shard holds (0 < x < 1).
         train_workers: Ray Train workers (DDP): ``auto`` = one per planned GPU, else ``train.num_workers``
             on a CPU-only run.
-        min_train_workers: keep training after nodes are lost with as few as this many workers (Ray Train's
-            elastic ``ScalingConfig(num_workers=(min, max))``); None = a fixed worker group.
+        min_train_workers: when training cannot restart after a node is lost, the driver re-plans it on the GPUs
+            left (down to this many workers) and resumes the round from its last checkpoint; None = the run fails.
         storage: Ray Train's ``storage_path`` as a URI every node resolves (an NFS/EFS path mounted at the same
             place on every node, ``s3://...``, ``gs://...``); None = ``<output_dir>/ray_train``, which only works
             when all nodes share that filesystem (checked at start).

@@ -32,6 +32,7 @@ from raylearn.runtime import (
     ensure_store,
     label_root,
     plan_cluster,
+    replan_training,
     resolved_model,
     round_seed,
     storage_uri,
@@ -194,9 +195,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     n_rounds = 1 + cfg.schedule.rounds
     trainer = make_round_trainer(LabelledStore(store, labels), model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
-                                 step_hook=step_hook, storage=storage,
-                                 scaling={"num_workers": plan.train_workers, "use_gpu": plan.use_gpu,
-                                          "resources_per_worker": plan.train_resources})
+                                 step_hook=step_hook, storage=storage, scaling=plan.scaling(),
+                                 replan=replan_training(cfg, len(pool_ids) - len(labeled)))
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()

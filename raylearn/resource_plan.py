@@ -54,7 +54,9 @@ class ResourcePlan:
         gpus: GPUs the plan uses (0 on a CPU-only run).
         n_shards: pool shard actors; evaluation and labelled-case features spread over them too.
         shard: ``{"num_cpus": c, "num_gpus": g}`` of each shard actor.
-        train_workers: Ray Train ``ScalingConfig.num_workers``: an int, or ``(min, max)`` for elastic training.
+        train_workers: Ray Train ``ScalingConfig.num_workers``.
+        min_train_workers: after a node is lost the driver re-plans training down to this many workers (None = no
+            re-plan: the run fails when its worker group cannot start again).
         train_resources: Ray Train ``resources_per_worker`` (``{"CPU": c, "GPU": g}``).
         placement: node address -> what the simulation put there (for logs and the start-up line).
     """
@@ -63,13 +65,15 @@ class ResourcePlan:
     gpus: int
     n_shards: int
     shard: dict[str, float]
-    train_workers: int | tuple[int, int]
+    train_workers: int
     train_resources: dict[str, float]
+    min_train_workers: int | None = None
     placement: dict[str, list[str]] = field(default_factory=dict)
 
-    @property
-    def max_train_workers(self) -> int:
-        return self.train_workers[1] if isinstance(self.train_workers, tuple) else int(self.train_workers)
+    def scaling(self) -> dict:
+        """What :class:`~raylearn.train.service.TrainingService` takes as ``scaling``."""
+        return {"num_workers": self.train_workers, "use_gpu": self.use_gpu,
+                "resources_per_worker": dict(self.train_resources)}
 
     def describe(self) -> str:
         return (f"{self.n_shards} shard(s) x {self.shard}, {self.train_workers} train worker(s) x "
@@ -188,6 +192,5 @@ def plan_resources(nodes: list[NodeInfo], cluster: Any, pool: Any, train: Any, n
                                     f"beside the shards. Needs: {needs}. Cluster: {total_cpu:g} CPU, "
                                     f"{total_gpu:g} GPU [{per_node}]")
     return ResourcePlan(use_gpu=use_gpu, gpus=gpus, n_shards=n_shards, shard=shard,
-                        train_workers=(int(min_workers), workers) if min_workers is not None else workers,
-                        train_resources=train_res,
+                        train_workers=workers, train_resources=train_res, min_train_workers=min_workers,
                         placement={n.info.address or n.info.node_id: n.items for n in sim if n.items})

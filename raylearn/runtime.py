@@ -11,8 +11,8 @@ import numpy as np
 from raylearn.config import ConfigError
 from raylearn.experiment import ExperimentConfig
 
-__all__ = ["check_nodes", "ensure_ray", "ensure_store", "label_root", "plan_cluster", "resolved_model",
-           "round_seed", "storage_uri"]
+__all__ = ["check_nodes", "ensure_ray", "ensure_store", "label_root", "plan_cluster", "replan_training",
+           "resolved_model", "round_seed", "storage_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,25 @@ def label_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.cluster.label_store or Path(cfg.output_dir) / "labels").expanduser().resolve()
 
 
+def replan_training(cfg: ExperimentConfig, n_cases: int):
+    """A callable for :class:`~raylearn.train.backends.MonaiRounds`: the training ``scaling`` planned on the cluster
+    as it is now (after lost nodes), or :class:`ConfigError` when fewer than ``cluster.min_train_workers`` fit.
+    None when ``cluster.min_train_workers`` is unset (no re-plan)."""
+    floor = cfg.cluster.min_train_workers
+    if floor is None:
+        return None
+
+    def replan() -> dict:
+        plan = plan_cluster(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(
+            update={"train_workers": "auto", "min_train_workers": None})}), n_cases)
+        if plan.train_workers < floor:
+            raise ConfigError(f"cluster.min_train_workers: only {plan.train_workers} training worker(s) fit the "
+                              f"cluster left after losing nodes ({plan.describe()}); {floor} required")
+        return plan.scaling()
+
+    return replan
+
+
 def _probe(store_path: str, case_id: str, shared: dict[str, str], marker: str, token: str) -> dict:
     """On one node: open the pool store and read a case; read the marker the driver wrote into each shared
     location (``{config key: URI}``). Returns ``{"node_id", "data.store": error | None, key: error | None, ...}``."""
@@ -168,13 +187,16 @@ def check_nodes(store, shared: dict[str, str], timeout_s: float = 300.0) -> int:
     what to change. Returns the number of nodes probed.
 
     The pool store is read in place, so it must be on storage every node mounts at the same path (NFS/EFS): it
-    is not copied to nodes."""
+    is not copied to nodes. On a one-node cluster (the driver's) there is nothing to probe."""
     import uuid
 
     import pyarrow.fs as pafs
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if [n["NodeID"] for n in nodes] == [ray.get_runtime_context().get_node_id()]:
+        return 1  # a single node, the driver's own: what the driver reads, every task reads
     marker, token = f".raylearn-probe-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
     written = []
     try:
@@ -186,7 +208,6 @@ def check_nodes(store, shared: dict[str, str], timeout_s: float = 300.0) -> int:
             written.append((fs, f"{path}/{marker}"))
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
         case_id = sorted(store.case_ids())[0]
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
         refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             str(store.path), case_id, dict(shared), marker, token) for n in nodes}

@@ -31,10 +31,11 @@ def test_gpu_plan_puts_one_shard_and_one_training_worker_on_every_gpu():
     assert plan.placement == {"10.0.0.1": ["shard 0", "train worker 0"], "10.0.0.2": ["shard 1", "train worker 1"]}
 
 
-def test_gpu_plan_on_a_four_gpu_node_and_elastic_training():
+def test_gpu_plan_on_four_gpu_nodes_and_the_training_scaling():
     plan = plan_resources(_nodes((0, 0), (48, 4), (48, 4)), ClusterConfig(min_train_workers=2), PoolConfig(),
                           TrainConfig(), n_cases=100)
-    assert plan.n_shards == 8 and plan.train_workers == (2, 8) and plan.max_train_workers == 8
+    assert plan.n_shards == 8 and plan.train_workers == 8 and plan.min_train_workers == 2
+    assert plan.scaling() == {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 1.0, "GPU": 0.5}}
     assert sum(len(v) for v in plan.placement.values()) == 16
 
 

@@ -185,7 +185,10 @@ class TrainingService:
                 num_workers, list | tuple) else int(num_workers), use_gpu=use_gpu, resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=self.name, storage_path=str(self.storage),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                # a worker group that cannot start again (its node is gone) fails the run instead of retrying
+                # forever: the driver then re-plans on what is left (raylearn.train.backends.MonaiRounds)
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                       controller_failure_limit=max(2, cfg.max_failures)),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
