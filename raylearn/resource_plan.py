@@ -58,7 +58,7 @@ class ResourcePlan:
         min_train_workers: after a node is lost the driver re-plans training down to this many workers (None = no
             re-plan: the run fails when its worker group cannot start again).
         train_resources: Ray Train ``resources_per_worker`` (``{"CPU": c, "GPU": g}``).
-        placement: node address -> what the simulation put there (for logs and the start-up line).
+        placement: ``"address/node-id prefix"`` -> what the simulation put there (for logs).
     """
 
     use_gpu: bool
@@ -193,4 +193,4 @@ def plan_resources(nodes: list[NodeInfo], cluster: Any, pool: Any, train: Any, n
                                     f"{total_gpu:g} GPU [{per_node}]")
     return ResourcePlan(use_gpu=use_gpu, gpus=gpus, n_shards=n_shards, shard=shard,
                         train_workers=workers, train_resources=train_res, min_train_workers=min_workers,
-                        placement={n.info.address or n.info.node_id: n.items for n in sim if n.items})
+                        placement={f"{n.info.address}/{n.info.node_id[:8]}": n.items for n in sim if n.items})

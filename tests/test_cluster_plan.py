@@ -28,7 +28,8 @@ def test_gpu_plan_puts_one_shard_and_one_training_worker_on_every_gpu():
     assert plan.shard == {"num_cpus": 0.25, "num_gpus": 0.5}
     assert plan.train_workers == 2 and plan.train_resources == {"CPU": 1.0, "GPU": 0.5}
     # the simulation places one shard and one training worker per GPU node, nothing on the CPU-less head
-    assert plan.placement == {"10.0.0.1": ["shard 0", "train worker 0"], "10.0.0.2": ["shard 1", "train worker 1"]}
+    assert plan.placement == {"10.0.0.1/node1": ["shard 0", "train worker 0"],
+                              "10.0.0.2/node2": ["shard 1", "train worker 1"]}
 
 
 def test_gpu_plan_on_four_gpu_nodes_and_the_training_scaling():

@@ -164,7 +164,7 @@ class TrainingService:
 
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = RoundCoordinator.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         cfg = self.train_cfg
         use_gpu = bool(self.scaling.get("use_gpu", cfg.use_gpu))
         num_workers = self.scaling.get("num_workers", cfg.num_workers)
