@@ -232,7 +232,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 view = schedule.view(view, labeled)  # async: cases labelled or leased meanwhile are taken
-                chosen = [str(c) for c in strategy.select(view, schedule.budget(budget, view))]
+                n_select = schedule.budget(budget, view)  # async: 0 when every free case is labelled or leased
+                chosen = [str(c) for c in strategy.select(view, n_select)] if n_select else []
                 timings["select_s"] = time.perf_counter() - t0
                 scores = _selected_scores(view, chosen)
                 ledger.append("selected", round=r, ids=chosen, scores=scores, strategy=name)

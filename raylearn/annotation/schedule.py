@@ -161,7 +161,7 @@ class AsyncSchedule(SyncSchedule):
                 ) -> tuple[list[str], LabelReceipt]:
         self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
-        base = min(getattr(self, "_want", len(chosen)), len(chosen))
+        base = getattr(self, "_want", len(chosen))  # labels may come from any case, suggested now or before
         want = base if r == 0 else min(self.k, base)  # round 0: the whole cold start
         t0 = time.monotonic()
         while True:
