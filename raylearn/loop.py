@@ -187,6 +187,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
 
     labels = LabelStore(label_root(cfg), known_ids=set(pool_ids))  # the only labels training reads
     schedule = make_schedule(cfg, store, labels, attach_run(out, cfg, store, labels, pool_ids), pool_ids)
+    schedule.restore(labeled)  # rounds already recorded (a shared round 0, a resume) have their labels here
     storage = storage_uri(cfg)  # Ray Train's storage: a URI every node resolves (cluster.storage)
     plan = plan_cluster(cfg, len(pool_ids) - len(labeled))  # ConfigError naming the key when it cannot fit
     if cfg.cluster.check_nodes:

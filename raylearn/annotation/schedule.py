@@ -95,6 +95,14 @@ class SyncSchedule:
                 said = True
             time.sleep(0.5)
 
+    def restore(self, labeled: list[str]) -> None:
+        """Labels of rounds recorded before this process (a round 0 shared by ``compare``, a resumed run) into the
+        label store: the simulated oracle reveals them again (idempotent); a human oracle waits for them."""
+        missing = [c for c in labeled if self.labels.latest(c) is None]
+        if missing:
+            log.info("label store: %d labelled case(s) of recorded rounds are not in it yet", len(missing))
+            self.oracle.label(missing)
+
     def view(self, view, labeled: list[str]):
         return view
 

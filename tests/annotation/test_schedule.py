@@ -171,3 +171,14 @@ def test_admin_strategy_override_and_pause(tmp_path):
     assert not done.wait(1.0) and labels.records() == []  # no round while paused
     sched.ws.update("control", paused=False)
     assert done.wait(10) and labels.labelled_ids() == ["c1"]
+
+
+def test_restore_reveals_labels_of_recorded_rounds(tmp_path):
+    """A round 0 shared by ``compare`` (or a resumed run) has its labels in this run's store before training."""
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    labels.put("c1", store.cases["c1"], "simulated", "simulated")
+    cfg = ExperimentConfig(output_dir=str(tmp_path))
+    sched = SyncSchedule(cfg, store, labels, attach_run(tmp_path, cfg, store, labels, list(store.cases)))
+    sched.restore(["c1", "c2", "c3"])
+    assert labels.labelled_ids() == ["c1", "c2", "c3"] and len(labels.records()) == 3
