@@ -203,7 +203,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         trainer.start()
     try:
         pool = ShardedPool(store, n_shards=plan.n_shards, resources_per_shard=plan.shard, config=cfg.pool,
-                           case_ids=[c for c in pool_ids if c not in set(labeled)], case_hook=case_hook)
+                           case_ids=[c for c in pool_ids if c not in set(labeled)], case_hook=case_hook,
+                           shard_nodes=plan.shard_nodes)
     except BaseException:
         if started:
             trainer.stop()

@@ -254,6 +254,8 @@ class ShardedPool:
         config: a :class:`PoolConfig` (restarts, retries, threads, progress).
         case_hook: ``hook(shard_index, position, case_id)`` run in each shard after every scored case
             (monitoring, fault injection in tests); see :class:`PoolShard`.
+        shard_nodes: node id per shard (the resource plan's); shard i is pinned there. Replacement shards and
+            shards beyond the list are placed with ``SPREAD``.
 
     Raises:
         PoolError: Ray is not initialised, the pool is empty, or ``case_ids`` names cases not in the store.
@@ -265,7 +267,7 @@ class ShardedPool:
 
     def __init__(self, store: Any, n_shards: int | None = None, resources_per_shard: Mapping[str, float] | None = None,
                  case_ids: Sequence[str] | None = None, config: PoolConfig | None = None,
-                 case_hook: CaseHook | None = None) -> None:
+                 case_hook: CaseHook | None = None, shard_nodes: Sequence[str] | None = None) -> None:
         if not ray.is_initialized():
             raise PoolError("ShardedPool needs a running Ray instance: call ray.init() first")
         self.config = cfg = config or PoolConfig()
@@ -293,6 +295,7 @@ class ShardedPool:
         self._resources = {"num_cpus": float(rps.get("num_cpus", cfg.num_cpus)), "num_gpus": float(num_gpus)}
         self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
         self._case_hook = case_hook
+        self._shard_nodes = list(shard_nodes or [])
         self._all_ids = set(ids)
         self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
         self._actors: dict[int, Any] = {}
@@ -314,10 +317,16 @@ class ShardedPool:
 
     def _spawn(self, ids: list[str]) -> int:
         i, self._next_index = self._next_index, self._next_index + 1
-        # "SPREAD": one shard per node (and GPU) first; like "DEFAULT" it is never captured into an enclosing
-        # placement group (a Tune trial's)
+        # pinned to the resource plan's node when given (hard: a shard whose node is lost dies, and its cases move
+        # to live shards, instead of being restarted elsewhere onto the GPU share the plan gave training); else
+        # "SPREAD", one shard per node first. Neither is captured into an enclosing placement group (Tune's).
+        strategy: Any = "SPREAD"
+        if i < len(self._shard_nodes):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            strategy = NodeAffinitySchedulingStrategy(self._shard_nodes[i], soft=False)
         opts = dict(self._resources, max_restarts=self.config.max_restarts,
-                    max_task_retries=self.config.max_task_retries, scheduling_strategy="SPREAD")
+                    max_task_retries=self.config.max_task_retries, scheduling_strategy=strategy)
         self._actors[i] = PoolShard.options(**opts).remote(
             self.store, ids, i, self._threads, self.config.prefault, self.PRELOAD, self._case_hook)
         self._assign[i] = list(ids)

@@ -59,6 +59,8 @@ class ResourcePlan:
             re-plan: the run fails when its worker group cannot start again).
         train_resources: Ray Train ``resources_per_worker`` (``{"CPU": c, "GPU": g}``).
         placement: ``"address/node-id prefix"`` -> what the simulation put there (for logs).
+        shard_nodes: the node id of each shard in the simulation; the pool pins shard i there, so a shard whose
+            node is lost dies instead of being restarted elsewhere onto the GPU share training needs.
     """
 
     use_gpu: bool
@@ -69,6 +71,7 @@ class ResourcePlan:
     train_resources: dict[str, float]
     min_train_workers: int | None = None
     placement: dict[str, list[str]] = field(default_factory=dict)
+    shard_nodes: list[str] = field(default_factory=list)
 
     def scaling(self) -> dict:
         """What :class:`~raylearn.train.service.TrainingService` takes as ``scaling``."""
@@ -109,6 +112,7 @@ class _Node:
         return min(fits)[1] if fits else None  # best fit: fractional requests pair up on one device
 
     def take(self, name: str, cpu: float, gpu: float) -> bool:
+        """Place ``name`` here if it fits."""
         k = self.device_for(gpu)
         if k is None or self.cpu + _EPS < cpu:
             return False
@@ -119,9 +123,9 @@ class _Node:
         return True
 
 
-def _place(nodes: list[_Node], name: str, cpu: float, gpu: float, spread: bool) -> bool:
+def _place(nodes: list[_Node], name: str, cpu: float, gpu: float, spread: bool) -> str | None:
     order = sorted(nodes, key=lambda n: (len(n.items), -n.cpu)) if spread else nodes
-    return any(n.take(name, cpu, gpu) for n in order)
+    return next((n.info.node_id for n in order if n.take(name, cpu, gpu)), None)
 
 
 def plan_resources(nodes: list[NodeInfo], cluster: Any, pool: Any, train: Any, n_cases: int) -> ResourcePlan:
@@ -180,17 +184,20 @@ def plan_resources(nodes: list[NodeInfo], cluster: Any, pool: Any, train: Any, n
              f"cluster.gpus_per_shard / pool.num_gpus, pool.num_cpus) and {workers} training worker(s) x "
              f"{train_res.get('GPU', 0):g} GPU + {train_res['CPU']:g} CPU (cluster.train_workers, "
              f"train.resources_per_worker)")
+    shard_nodes = []
     for i in range(n_shards):  # shards spread over the nodes (Ray's SPREAD), one per GPU first
-        if not _place(sim, f"shard {i}", shard["num_cpus"], shard_gpu, spread=True):
+        shard_nodes.append(_place(sim, f"shard {i}", shard["num_cpus"], shard_gpu, spread=True))
+        if shard_nodes[-1] is None:
             raise ResourcePlanError(f"the resource plan does not fit the cluster: shard {i} finds no node with "
                                     f"{pool.num_cpus:g} CPU and {shard_gpu:g} GPU free. Needs: {needs}. "
                                     f"Cluster: {total_cpu:g} CPU, {total_gpu:g} GPU [{per_node}]")
     for w in range(workers):  # Ray Train packs its workers (placement group, PACK)
-        if not _place(sim, f"train worker {w}", train_res["CPU"], train_res.get("GPU", 0.0), spread=False):
+        if _place(sim, f"train worker {w}", train_res["CPU"], train_res.get("GPU", 0.0), spread=False) is None:
             raise ResourcePlanError(f"the resource plan does not fit the cluster: training worker {w} finds no "
                                     f"node with {train_res['CPU']:g} CPU and {train_res.get('GPU', 0):g} GPU free "
                                     f"beside the shards. Needs: {needs}. Cluster: {total_cpu:g} CPU, "
                                     f"{total_gpu:g} GPU [{per_node}]")
     return ResourcePlan(use_gpu=use_gpu, gpus=gpus, n_shards=n_shards, shard=shard,
                         train_workers=workers, train_resources=train_res, min_train_workers=min_workers,
-                        placement={f"{n.info.address}/{n.info.node_id[:8]}": n.items for n in sim if n.items})
+                        placement={f"{n.info.address}/{n.info.node_id[:8]}": n.items for n in sim if n.items},
+                        shard_nodes=[str(n) for n in shard_nodes])

@@ -30,6 +30,7 @@ def test_gpu_plan_puts_one_shard_and_one_training_worker_on_every_gpu():
     # the simulation places one shard and one training worker per GPU node, nothing on the CPU-less head
     assert plan.placement == {"10.0.0.1/node1": ["shard 0", "train worker 0"],
                               "10.0.0.2/node2": ["shard 1", "train worker 1"]}
+    assert plan.shard_nodes == ["node1", "node2"]  # the pool pins each shard to its planned node
 
 
 def test_gpu_plan_on_four_gpu_nodes_and_the_training_scaling():
