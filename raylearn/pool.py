@@ -55,7 +55,9 @@ __all__ = ["PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MA
 
 log = logging.getLogger(__name__)
 
-_ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# ActorUnschedulableError: a shard pinned to a node that is gone cannot be restarted (its cases move)
+_ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                 ray.exceptions.ActorUnschedulableError)
 
 class _NodeLost(RuntimeError):
     """A shard's node left the cluster while the driver waited on the shard."""
