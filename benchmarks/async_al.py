@@ -13,8 +13,9 @@ ground truth on the source image's grid) after a per-case labelling delay drawn 
 
 Reported per mode: wall time from start until the test Dice first reaches 95 % of the full-pool reference
 Dice (trained once, cached, shared by both modes), final Dice, labels used, total annotator idle time. Goal:
-async reaches the target >= 1.5x sooner with no lower final Dice. Writes ``OUT/results.json`` and
-``OUT/results.md``::
+async reaches the target >= 1.5x sooner with no lower final Dice. Writes ``OUT/results.json``,
+``OUT/results.md`` and ``OUT/curves.png`` (Dice against wall time, both modes, the target line); the full run
+also writes ``benchmarks/results/async_al.{json,png}`` (with the command, date, machine and load average)::
 
     .venv/bin/python benchmarks/async_al.py --quick              # phantoms, tiny model: checks the machinery
     .venv/bin/python benchmarks/async_al.py --out runs/async_al  # the benchmark (shipped hippocampus data)
@@ -23,9 +24,11 @@ async reaches the target >= 1.5x sooner with no lower final Dice. Writes ``OUT/r
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from raylearn.runtime import ensure_ray
 
     ensure_ray(args.num_cpus)
+    load_before = os.getloadavg()
     t_all = time.monotonic()
     ref = reference_dice(base, out)  # before the runs: no annotator waits on it
     results = [run_mode(m, base, out, args) for m in args.modes]
@@ -208,13 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         # the same from the first case handed to an annotator (leaves out the identical start-up of both modes)
         r["labelling_time_to_target_s"] = time_to(r["curve"], target, "since_first_case_s")
     by = {r["mode"]: r for r in results}
-    summary = {"delay_s": args.delay_s, "annotators": args.annotators, "quick": args.quick,
+    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+               "machine": f"{platform.platform()} | {os.cpu_count()} CPUs | {platform.machine()}",
+               "load_avg_before": [round(v, 2) for v in load_before],
+               "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+               "delay_s": args.delay_s, "annotators": args.annotators, "quick": args.quick,
                "config": base, "results": results, "total_wall_s": time.monotonic() - t_all}
     if {"sync", "async"} <= set(by) and by["sync"]["time_to_target_s"] and by["async"]["time_to_target_s"]:
         summary["speedup_to_target"] = by["sync"]["time_to_target_s"] / by["async"]["time_to_target_s"]
         summary["speedup_from_first_case"] = (by["sync"]["labelling_time_to_target_s"]
                                               / by["async"]["labelling_time_to_target_s"])
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot_curves(results, target, ref, out / "curves.png")
+    if not args.quick:  # the committed figures
+        res_dir = REPO / "benchmarks" / "results"
+        res_dir.mkdir(exist_ok=True)
+        (res_dir / "async_al.json").write_text(json.dumps(summary, indent=1, default=str))
+        shutil.copyfile(out / "curves.png", res_dir / "async_al.png")
     lines = [f"# async vs sync AL ({'quick' if args.quick else 'full'})", "",
              f"{args.annotators} annotators, labelling delay {args.delay_s[0]:g}-{args.delay_s[1]:g} s per case; "
              f"full-pool Dice {ref:.3f}, target (95 %) {target:.3f}", "",
@@ -235,6 +250,29 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+def plot_curves(results: list[dict], target: float, ref: float, path: Path) -> None:
+    """Test Dice against wall time since the start, one line per mode, with the full-pool and 95 % lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [p["wall_s"] / 60 for p in r["curve"]]
+        ax.plot(xs, [p["dice"] for p in r["curve"]], marker="o", label=f"{r['mode']} ({r['labels']} labels)")
+    ax.axhline(ref, color="k", lw=1, label=f"full pool {ref:.3f}")
+    ax.axhline(target, color="k", lw=1, ls="--", label=f"95 % target {target:.3f}")
+    ax.set_xlabel("wall time since start (min)")
+    ax.set_ylabel("test Dice (mean over classes)")
+    ax.set_title("async vs sync active learning, simulated annotators over HTTP")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
