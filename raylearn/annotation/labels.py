@@ -37,7 +37,7 @@ import numpy as np
 
 from raylearn.ledger import Ledger
 
-__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "LabelledStore", "label_digest", "fsync_dir"]
+__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "LabelledStore", "label_digest", "fsync_dir", "file_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) across processes."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -169,15 +180,9 @@ class LabelStore:
         return arr
 
     # -- writing ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock across processes (``fcntl.flock`` on ``root/.lock``)."""
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return file_lock(self.root / ".lock")
 
     def check_id(self, case_id: str) -> None:
         if not isinstance(case_id, str) or not _SAFE_ID.match(case_id):

@@ -18,18 +18,16 @@ be readable by any process on a shared filesystem, and needs no server of its ow
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raylearn.annotation.labels import fsync_dir
+from raylearn.annotation.labels import file_lock, fsync_dir
 
 __all__ = ["Lease", "LeaseError", "Workspace"]
 
@@ -68,14 +66,9 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- files ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock across processes (``fcntl.flock`` on ``root/.lock``)."""
+        return file_lock(self.root / ".lock")
 
     def read(self, name: str, default: Any = None) -> Any:
         path = self.root / f"{name}.json"
