@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# requirements.lock pins every package (pip-compile of pyproject.toml with the dev extra); torch and torchvision
+# requirements.lock pins every package (pip-compile of pyproject.toml with all extras: dev, tracking); torch and torchvision
 # come from wherever pip is configured to find them (here: the machine's own wheels).
 $(STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.lock
@@ -26,7 +26,7 @@ install: $(STAMP)
 # Re-pin after changing pyproject.toml's dependencies: pip-tools in a throwaway venv (about 3 minutes).
 lock:
 	rm -rf /tmp/raylearn-lock && $(PY) -m venv /tmp/raylearn-lock && /tmp/raylearn-lock/bin/pip install -q pip-tools
-	CUSTOM_COMPILE_COMMAND="make lock" /tmp/raylearn-lock/bin/pip-compile --quiet --extra dev --strip-extras \
+	CUSTOM_COMPILE_COMMAND="make lock" /tmp/raylearn-lock/bin/pip-compile --quiet --all-extras --strip-extras \
 		--no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements.lock pyproject.toml
 	rm -rf /tmp/raylearn-lock
 
