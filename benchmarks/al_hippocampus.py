@@ -21,13 +21,12 @@ Run it alone on the machine. Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
+
+from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
@@ -109,11 +108,7 @@ def main() -> None:
             "passed": bool(at16 and at16["mean"] >= 0.80 and ref is not None and ref >= 0.84)}
     rand = shares.get("random", {}).get("score_s_per_round")
     result = {
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()} | {os.cpu_count()} CPUs | {platform.processor() or platform.machine()}",
-        "load_avg_before": [round(v, 2) for v in load_before],
-        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        **provenance(load_before),
         "setup": {"pool": 161, "test": 40, "cold_start": args.cold, "batch": args.batch, "rounds": args.rounds,
                   "seeds": args.seeds, "first_round_steps": args.first_steps, "steps_per_round": args.steps,
                   "run_total_steps": args.first_steps + args.rounds * args.steps, "mc_samples": args.mc_samples},

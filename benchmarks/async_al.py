@@ -24,15 +24,15 @@ also writes ``benchmarks/results/async_al.{json,png}`` (with the command, date, 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from _provenance import provenance
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         # the same from the first case handed to an annotator (leaves out the identical start-up of both modes)
         r["labelling_time_to_target_s"] = time_to(r["curve"], target, "since_first_case_s")
     by = {r["mode"]: r for r in results}
-    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-               "machine": f"{platform.platform()} | {os.cpu_count()} CPUs | {platform.machine()}",
-               "load_avg_before": [round(v, 2) for v in load_before],
-               "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+    summary = {**provenance(load_before),
                "delay_s": args.delay_s, "annotators": args.annotators, "quick": args.quick,
                "config": base, "results": results, "total_wall_s": time.monotonic() - t_all}
     if {"sync", "async"} <= set(by) and by["sync"]["time_to_target_s"] and by["async"]["time_to_target_s"]:

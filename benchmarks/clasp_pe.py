@@ -23,13 +23,12 @@ Usage (run it alone on the machine; the lead schedules the full run)::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
+
+from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
@@ -110,11 +109,7 @@ def main() -> None:
     coverage = _class_coverage(args.out / "store")
 
     result = {
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()} | {os.cpu_count()} CPUs | {platform.processor() or platform.machine()}",
-        "load_avg_before": [round(v, 2) for v in load_before],
-        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        **provenance(load_before),
         "setup": {"quick": args.quick, "strategies": strategies, "seeds": args.seeds, "cold_start": args.cold,
                   "cold_strategy": args.cold_strategy, "rounds": args.rounds, "batch": args.batch,
                   "first_round_steps": args.first_steps, "steps_per_round": args.steps},

@@ -20,15 +20,14 @@ Run it alone on the machine. Writes ``benchmarks/results/train.json``::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _provenance import provenance
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -117,11 +116,7 @@ def main() -> None:
     later = rounds[1:]
     ray_rate = sum(args.steps for _ in later) / sum(r["step_s"] for r in later)
     result = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()} | {os.cpu_count()} CPUs | {platform.processor() or platform.machine()}",
-        "load_avg_before": [round(v, 2) for v in load_before],
-        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        **provenance(load_before),
         "setup": {"data": "MSD Task04 hippocampus", "model": model_cfg.model_dump(mode="json"),
                   "train": {"batch_size": cfg.batch_size, "steps_per_round": args.steps, "threads": threads},
                   "rounds": args.rounds},
