@@ -1,0 +1,93 @@
+"""Settings of the promptable model (SAM-Med3D) that the training service fine-tunes after every round.
+
+The experiment YAML's ``promptable:`` section. After the segmenter's round, the same Ray Train workers fine-tune
+SAM-Med3D on the labelled cases with simulated clicks (:mod:`raylearn.models.promptable_train`), keep it warm across
+rounds, and publish ``checkpoints/promptable_round_XX.pt`` beside the segmenter's checkpoints. No torch here: the
+experiment config imports this module.
+
+Which part trains:
+
+- ``variant: small`` (CPU): the scaled-down architecture, from scratch (or from ``checkpoint``), every part.
+- ``variant: full`` on CPU: the released architecture's prompt encoder + mask decoder only
+  (``freeze_image_encoder`` defaults to true; the image encoder costs ~24 s and 5 GB per step on CPU).
+- ``variant: full`` on a GPU: the whole model from a local ``checkpoint`` (``freeze_image_encoder: false``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raylearn.config import StrictModel
+
+__all__ = ["PromptableConfig"]
+
+
+class PromptableConfig(StrictModel):
+    """The ``promptable:`` section of an experiment.
+
+    Attributes:
+        enabled: fine-tune the promptable model after every round (off by default).
+        variant: ``"small"`` (CPU, 32^3 window, 0.7 M parameters) or ``"full"`` (the released 128^3 model).
+        checkpoint: a local SAM-Med3D checkpoint (official ``model_state_dict`` layout) to start from; None =
+            seeded random initialisation (``small`` from scratch).
+        image_size: edge of the model's cubic window in voxels of the pool store's grid; None = the variant's
+            (32 small, 128 full). Must be a multiple of the patch size (8 small, 16 full).
+        steps: optimiser steps per round after the first; ``first_round_steps``: round 0's (None = ``steps``).
+        clicks: simulated clicks per training sample (iterative, from the error region, mask fed back).
+        batch_size: class windows per step.
+        lr: AdamW learning rate; weight_decay: AdamW weight decay.
+        freeze_image_encoder: train only the prompt encoder and mask decoder; None = true for ``full``, false
+            for ``small``. With a frozen encoder the window embeddings are cached and crops are not jittered.
+        jitter: random shift (voxels, each axis) of a training window around the class centre (unfrozen only).
+        eval_clicks: clicks of the per-round measurement (b) and (c).
+        evaluate: measure every round on the test split after the run: (a) segmenter, (b) segmenter -> clicks
+            -> promptable model, (c) ground-truth clicks -> promptable model (``p2p_rounds.{csv,md,png}``).
+        eval_max_cases: test cases of that measurement (None = all of ``evaluate.max_test_cases``' split).
+        serve_app: name of a running Serve app (``raylearn serve``, same Ray cluster) whose SAM-Med3D deployment
+            takes each round's weights live (a new ``version`` in its ``user_config``); None = do not publish.
+    """
+
+    enabled: bool = False
+    variant: Literal["small", "full"] = "small"
+    checkpoint: str | None = None
+    image_size: int | None = Field(None, ge=8, le=256)
+    steps: int = Field(40, ge=1)
+    first_round_steps: int | None = Field(None, ge=1)
+    clicks: int = Field(5, ge=1, le=20)
+    batch_size: int = Field(2, ge=1, le=64)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    freeze_image_encoder: bool | None = None
+    jitter: int = Field(3, ge=0)
+    eval_clicks: int = Field(5, ge=1, le=50)
+    evaluate: bool = True
+    eval_max_cases: int | None = Field(None, ge=1)
+    serve_app: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptableConfig:
+        if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
+            raise ValueError(f"checkpoint: {self.checkpoint} is not a file (a local SAM-Med3D checkpoint)")
+        patch = 8 if self.variant == "small" else 16
+        if self.image_size is not None and self.image_size % patch:
+            raise ValueError(f"image_size: {self.image_size} is not a multiple of the {self.variant} variant's "
+                             f"patch size {patch}")
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the image encoder is kept fixed (``freeze_image_encoder``, resolved)."""
+        return self.variant == "full" if self.freeze_image_encoder is None else bool(self.freeze_image_encoder)
+
+    def round_steps(self, round_index: int) -> int:
+        return int(self.first_round_steps or self.steps) if round_index == 0 else int(self.steps)
+
+    def sam_config(self, device: str = "cpu"):
+        """The :class:`~raylearn.models.sam_med3d.SamMed3DConfig` of the model (imports torch)."""
+        from raylearn.models.sam_med3d import SamMed3DConfig
+
+        extra = {"image_size": self.image_size} if self.image_size is not None else {}
+        return SamMed3DConfig(preset=self.variant, checkpoint=self.checkpoint, device=device, **extra)
