@@ -90,12 +90,14 @@ class ClickSimulation:
     Attributes:
         points: ``int [N,3]`` clicks ``(d, h, w)`` in order; ``labels``: ``int [N]`` (1 positive, 0 negative).
         masks: ``{n: bool [S,S,S]}`` the model's mask after ``n`` clicks, for each recorded ``n``.
+        low_res_at: ``{n: [L,L,L]}`` the model's low-resolution logits after ``n`` clicks (same keys as ``masks``).
         low_res: the last low-resolution logits ``[L,L,L]`` (feed them to a later refinement).
     """
 
     points: np.ndarray
     labels: np.ndarray
     masks: dict[int, np.ndarray] = field(default_factory=dict)
+    low_res_at: dict[int, np.ndarray] = field(default_factory=dict)
     low_res: np.ndarray | None = None
 
 
@@ -140,7 +142,7 @@ def simulate_clicks(predict: PredictFn, image_crop: np.ndarray, ref_mask: np.nda
         if mask.shape != ref.shape:
             raise ValueError(f"predict returned a mask of shape {mask.shape}, expected {ref.shape}")
         if i in counts:
-            out.masks[i] = mask.copy()
+            out.masks[i], out.low_res_at[i] = mask.copy(), low
     out.points, out.labels, out.low_res = np.asarray(points, np.int64), np.asarray(labels, np.int64), low
     return out
 

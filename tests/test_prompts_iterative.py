@@ -98,6 +98,7 @@ def test_simulate_clicks_accumulates_feeds_back_and_records():
     assert model.calls == list(range(1, 11))  # all clicks so far, one more each step
     assert model.prev_seen == [None] + [float(n) for n in range(1, 10)]  # previous low-res logits fed back
     assert sorted(sim.masks) == [1, 5, 10] and sim.points.shape == (10, 3) and sim.labels.shape == (10,)
+    assert {n: float(v[0, 0, 0]) for n, v in sim.low_res_at.items()} == {1: 1.0, 5: 5.0, 10: 10.0}
     assert sim.labels[0] == 1 and ref[tuple(sim.points[0])]
     err = {n: np.count_nonzero(m ^ ref) for n, m in sim.masks.items()}
     assert err[10] < err[1]  # clicks from the error region reduce the error
