@@ -1,4 +1,4 @@
-"""The ``raylearn`` command line: ingest, data fetch, run, compare, tune, serve, demo.
+"""The ``raylearn`` command line: ingest, data fetch, run, compare, tune, serve, preannotate, demo.
 
 Each subcommand imports its machinery lazily so that ``raylearn --help`` is instant. Errors the user
 can fix (bad config key, corrupt volume, missing file) print one clear line and exit with status 2.
@@ -105,6 +105,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preannotate(args: argparse.Namespace) -> int:
+    from raylearn.p2p_table import preannotate_cli
+
+    return preannotate_cli(args.config, clicks=args.clicks, reference=args.reference, out=args.out,
+                           sam_preset=args.sam_preset, sam_checkpoint=args.sam_checkpoint, method=args.click_method,
+                           seed=args.seed, max_cases=args.max_cases, device=args.device)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from raylearn.demo import demo_cli
 
@@ -177,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default=None, help="default: the config's http_options, else 127.0.0.1")
     sv.add_argument("--port", type=int, default=None, help="default: the config's http_options, else 8000")
     sv.set_defaults(func=_cmd_serve)
+
+    pa = sub.add_parser("preannotate", help="P2P Table 2: last round's segmenter -> simulated clicks -> SAM-Med3D, "
+                                            "NSD on the test split (table + PNG)")
+    pa.add_argument("config", help="experiment YAML (its output_dir) or a run folder holding ledger.jsonl")
+    pa.add_argument("--clicks", default="1,5,10", help="clicks per class, comma-separated (default 1,5,10)")
+    pa.add_argument("--reference", default="prediction,gt",
+                    help="clicks simulated against: prediction (pre-annotation), gt (the authors' script), or both")
+    pa.add_argument("--sam-checkpoint", default=None, help="local SAM-Med3D checkpoint (default: random weights)")
+    pa.add_argument("--sam-preset", choices=("full", "small"), default="full")
+    pa.add_argument("--click-method", choices=("random", "center"), default="random",
+                    help="random: uniform in the error region (SAM-Med3D's default); center: its core")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--max-cases", type=int, default=None, help="first N test cases only")
+    pa.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pa.add_argument("--out", default=None, help="output folder (default <run>/preannotate)")
+    pa.set_defaults(func=_cmd_preannotate)
 
     dm = sub.add_parser("demo", help="run the main job on the embedded default data (60 MSD hippocampus cases)")
     dm.add_argument("--out", type=Path, default=Path("runs/demo"))
