@@ -36,7 +36,6 @@ __all__ = ["compare", "compare_cli"]
 def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: str | Path,
             resume: bool = True, strategy_params: dict[str, dict] | None = None) -> dict:
     """Run every (strategy, seed) pair and summarise. Returns ``{"rows": [...], "table": str, ...}``."""
-    from raylearn.loop import run_experiment
     from raylearn.strategies import build_strategy
 
     if not strategies:
@@ -49,10 +48,29 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = base.data.store or str(out / "store")
-    curves: dict[str, list[list[tuple]]] = {s: [] for s in strategies}
-    references: list[float] = []
     # the full-pool reference is trained once for the whole comparison (by the first run) and reused
     reference_dir = out / "reference" if base.evaluate.full_data_reference else None
+    from raylearn.tracking import CompareTracker
+
+    # MLflow: a parent run for the comparison, each (strategy, seed) run nested under it in the same store
+    tracker = CompareTracker.start(base, out, list(strategies), list(seeds))
+    try:
+        result = _run_all(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker)
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish(None, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish(result)
+    return result
+
+
+def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: Path, resume: bool,
+             strategy_params: dict[str, dict] | None, store: str, reference_dir: Path | None, tracker) -> dict:
+    from raylearn.loop import run_experiment
+
+    curves: dict[str, list[list[tuple]]] = {s: [] for s in strategies}
+    references: list[float] = []
     for seed in seeds:
         first_dir: Path | None = None
         for name in strategies:
@@ -65,6 +83,8 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
                 "strategy": base.strategy.model_copy(update={"name": name,
                                                              "params": (strategy_params or {}).get(name, {})}),
             }
+            if tracker is not None:
+                update["tracking"] = tracker.child(base.tracking, f"{name}/seed_{seed}")
             cfg = base.model_copy(update=update)
             log.info("compare: %s seed %d -> %s", name, seed, run_dir)
             res = run_experiment(cfg, resume=resume, cold_start_from=first_dir, reference_dir=reference_dir)

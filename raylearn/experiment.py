@@ -24,6 +24,7 @@ from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
 from raylearn.data.preprocess import PreprocessConfig
 from raylearn.models.config import ModelConfig, TrainConfig
 from raylearn.scoring.features import FeatureParams, model_calls_for
+from raylearn.tracking import TrackingConfig
 
 __all__ = [
     "BACKEND_CALLS", "ClusterConfig", "DataConfig", "ExperimentConfig", "PoolConfig", "ScheduleConfig",
@@ -218,6 +219,8 @@ class ExperimentConfig(StrictModel):
     cluster: ClusterConfig = ClusterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     oracle: Literal["simulated", "human"] = "simulated"
+    #: MLflow / TensorBoard (:mod:`raylearn.tracking`); left out of the config hash: it does not shape results
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _check_strategies(self) -> ExperimentConfig:

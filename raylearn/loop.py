@@ -106,10 +106,16 @@ def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
     return scores or None
 
 
+def _config_json(cfg: ExperimentConfig) -> dict:
+    """The config as the ledger records and hashes it: ``tracking`` left out (where a run is watched does not change
+    what it computes, so a resume may log elsewhere)."""
+    return cfg.model_dump(mode="json", exclude={"tracking"})
+
+
 def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_change: bool) -> tuple[Ledger, str]:
     from raylearn.data.shards import diff_settings
 
-    cfg_json = cfg.model_dump(mode="json")
+    cfg_json = _config_json(cfg)
     chash = config_hash(cfg_json)
     ledger = Ledger(out / "ledger.jsonl")
     header = ledger.header()
@@ -162,7 +168,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     model_cfg = resolved_model(cfg, store)
     header = ledger.header()
     if header is None:
-        ledger.append("header", config_hash=chash, config=cfg.model_dump(mode="json"), pool_ids=pool_ids,
+        ledger.append("header", config_hash=chash, config=_config_json(cfg), pool_ids=pool_ids,
                       test_ids=test_ids, model_resolved=model_cfg.model_dump(mode="json"),
                       started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     elif header["pool_ids"] != pool_ids:
@@ -171,8 +177,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     if cold_start_from is not None and ledger.selection(0) is None:
         from raylearn.cold_start import share_round0
 
-        share_round0(Path(cold_start_from), ledger, cfg.model_dump(mode="json"), model_cfg, out)
+        share_round0(Path(cold_start_from), ledger, _config_json(cfg), model_cfg, out)
     rounds = ledger.rounds()
+    tracker = _start_tracking(cfg, out, chash, rounds)  # before Ray work: a bad tracking key fails fast
     labeled: list[str] = [cid for r in rounds for cid in r["selected"]]
     checkpoint: str | None = rounds[-1]["checkpoint"] if rounds else None
     if rounds:
@@ -276,6 +283,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             if on_round is not None:
                 on_round(rec, rounds)
             write_outputs(out, rounds, class_names, None, cfg.name)
+            if tracker is not None:
+                tracker.log_rounds(rounds)
+    except BaseException as err:
+        if tracker is not None:
+            tracker.finish(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         schedule.close()
         pool.shutdown()
@@ -291,7 +304,20 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     write_outputs(out, rounds, class_names, reference, cfg.name)
     data = summary(cfg.name, cfg.strategy.name, cfg.seed, rounds, reference, chash)
     write_summary(out, data)
+    if tracker is not None:
+        tracker.finish(data)
     return RunResult(out, rounds, data)
+
+
+def _start_tracking(cfg: ExperimentConfig, out: Path, chash: str, rounds: list[dict]):
+    """The run's MLflow / TensorBoard tracker (None when off; :class:`ConfigError` naming the key on a bad
+    ``tracking`` setting), caught up with the ``rounds`` already recorded (a resume, a shared round 0)."""
+    from raylearn.tracking import RunTracker
+
+    tracker = RunTracker.start(cfg, out, _config_json(cfg), chash)
+    if tracker is not None:
+        tracker.log_rounds(rounds)
+    return tracker
 
 
 def _evaluate_tasks(store, checkpoint: str, test_ids: list[str], metric_kw: dict) -> dict[str, float]:

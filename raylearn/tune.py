@@ -16,6 +16,7 @@ Sweep YAML::
     max_concurrent_trials: 2
     resources_per_trial: {cpu: 1, gpu: 0}
     scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}
+    tracking: {mlflow: auto, tensorboard: false}  # Ray Tune's MLflowLoggerCallback / TBXLoggerCallback
     search_space:
       strategy.name: {choice: [random, least_confidence]}
       schedule.batch_size: {grid: [3, 5]}
@@ -37,13 +38,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from raylearn.config import ConfigError, StrictModel, load_config, load_yaml, parse_config
 from raylearn.experiment import ExperimentConfig, apply_overrides
+from raylearn.tracking import TuneTrackingConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SweepConfig", "validate_search_space", "run_sweep", "tune_cli"]
 
 _DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
-_FORBIDDEN = ("data", "output_dir", "name", "oracle")
+_FORBIDDEN = ("data", "output_dir", "name", "oracle", "tracking")
 
 
 class SchedulerConfig(StrictModel):
@@ -75,6 +77,8 @@ class SweepConfig(StrictModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     search_alg: SearchAlgConfig = SearchAlgConfig()
     top_k_plot: int = Field(5, ge=1)
+    #: one MLflow run per trial (default store ``<output_dir>/mlruns``) through Ray Tune's own logger callbacks
+    tracking: TuneTrackingConfig = TuneTrackingConfig()
     search_space: dict[str, dict[str, Any]]
 
     @field_validator("search_space")
@@ -185,6 +189,7 @@ def _trainable(config: dict, *, base: dict, out: str, resources: dict) -> None:
     exp = _fit_inside(exp, TrialResources(**resources))
     exp["output_dir"] = str(Path(out) / "trials" / trial_id)
     exp["name"] = f"{exp.get('name', 'trial')}-{trial_id}"
+    exp["tracking"] = {"mlflow": False, "tensorboard": False}  # Tune's callbacks log the trial's reports
     cfg = parse_config(exp, ExperimentConfig, source=f"trial {trial_id}")
     t0 = time.time()
 
@@ -205,6 +210,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raylearn.runtime import ensure_ray, ensure_store
+    from raylearn.tracking import tune_callbacks
 
     base_path = (Path(source).parent / sweep.experiment).resolve()
     base = load_yaml(base_path) or {}
@@ -262,7 +268,8 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         search_alg=search_alg, num_samples=sweep.num_samples,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
+                                      callbacks=tune_callbacks(sweep.tracking, out, sweep.name)),
         )
     grid = tuner.fit()
     return _write_results(grid, sweep, base, out)
