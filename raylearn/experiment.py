@@ -35,7 +35,7 @@ __all__ = [
 #: dropout at ``model.mc_dropout`` (> 0 by :class:`ModelConfig`), whatever its training ``model.dropout``;
 #: nnU-Net's networks have no dropout, so its segmenter cannot sample (``predict_mc`` raises).
 BACKEND_CALLS: dict[str, frozenset[str]] = {
-    "monai_unet": frozenset({"predict_proba", "predict_mc", "predict_tta", "embed"}),
+    "monai_unet": frozenset({"predict_proba", "predict_mc", "predict_tta", "embed", "predict_heads"}),
     "nnunet": frozenset({"predict_proba", "predict_tta", "embed"}),
 }
 
@@ -239,6 +239,11 @@ class ExperimentConfig(StrictModel):
     def _check_backend_can_score(self, name: str, features: frozenset[str]) -> None:
         """Refuse, before round 0 trains, a strategy whose features ``model.backend`` cannot compute."""
         backend = self.model.backend
+        if "predict_heads" in model_calls_for(features, self.features) and not (
+                backend == "monai_unet" and self.model.arch == "sbc_unet"):
+            raise ValueError(
+                f"strategy.name: {name!r} needs a model with SBC-AL's SFP and ASR heads, but model.arch is "
+                f"{self.model.arch!r} (model.backend {backend!r}); set model: {{backend: monai_unet, arch: sbc_unet}}")
         missing = sorted(set(model_calls_for(features, self.features)) - BACKEND_CALLS[backend])
         if not missing:
             return

@@ -130,7 +130,8 @@ def test_backend_calls_match_the_segmenter_classes():
 
     def implemented(cls):
         generic = {"predict_proba", "predict_tta"}  # abstract, and flip TTA built on predict_proba for every backend
-        return generic | {m for m in ("predict_mc", "embed") if getattr(cls, m) is not getattr(Segmenter, m)}
+        own = ("predict_mc", "embed", "predict_heads")
+        return generic | {m for m in own if getattr(cls, m) is not getattr(Segmenter, m)}
 
     assert BACKEND_CALLS == {"monai_unet": implemented(MonaiSegmenter), "nnunet": implemented(NnUNetSegmenter)}
 

@@ -46,6 +46,11 @@ class Segmenter(ABC):
             out.append(np.flip(p, axis=axes).copy() if axes else p)
         return np.stack(out)
 
+    def predict_heads(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SBC-AL outputs ``(coarse [K,D,H,W], sfp [K-1,D,H,W], refined [K,D,H,W])``; only networks with SFP and
+        ASR heads (``model.arch: sbc_unet``) have them, others raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no SFP/ASR heads")
+
     def embed(self, image: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """A global feature vector ``[F]`` for the image (e.g. pooled bottleneck features)."""
         raise NotImplementedError(f"{type(self).__name__} has no embedding")

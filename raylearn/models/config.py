@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from raylearn.config import StrictModel
 
-__all__ = ["AugmentConfig", "ModelConfig", "NnUNetConfig", "TrainConfig", "resolve_model_config"]
+__all__ = ["AugmentConfig", "ModelConfig", "NnUNetConfig", "SBCConfig", "TrainConfig", "resolve_model_config"]
 
 PositiveInt = Field(gt=0)
 
@@ -62,12 +62,35 @@ class NnUNetConfig(StrictModel):
     num_processes: int = Field(default=2, gt=0)
 
 
+class SBCConfig(StrictModel):
+    """SBC-AL heads and joint loss (``model.sbc``), used when ``model.arch == "sbc_unet"``
+    (:mod:`raylearn.models.sbc`): ``alpha * L_seg + beta * L_SFP (MSE) + gamma * L_ASR (Dice + CE)``.
+
+    The paper gives no weights; the defaults are the choice of the sweep in ``deployments/sweep_sbc.yaml``
+    (README, SBC-AL section)."""
+
+    alpha: float = Field(default=1.0, ge=0)
+    beta: float = Field(default=1.0, ge=0)
+    gamma: float = Field(default=1.0, ge=0)
+    #: width of the SFP DisBlocks and the ASR features (None = ``channels[0]``)
+    head_channels: int | None = Field(default=None, gt=0)
+    #: the segmentation the model predicts (evaluation, every feature but ``sbc_consistency``)
+    output: Literal["refined", "coarse"] = "refined"
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> SBCConfig:
+        if self.alpha + self.gamma == 0:
+            raise ValueError("model.sbc: alpha and gamma are both 0, so no segmentation loss trains the network")
+        return self
+
+
 class ModelConfig(StrictModel):
     """The segmentation network and how it predicts (``model:``)."""
 
     backend: Literal["monai_unet", "nnunet"] = "monai_unet"
     # --- MONAI backend -----------------------------------------------------------------------------
-    arch: Literal["unet", "dynunet"] = "unet"
+    #: ``sbc_unet``: MONAI's UNet with SBC-AL's SFP and ASR heads (the ``sbc`` strategy needs it)
+    arch: Literal["unet", "dynunet", "sbc_unet"] = "unet"
     #: feature channels per level (length L); ``strides`` has length L-1 (down-sampling between levels)
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
@@ -89,6 +112,8 @@ class ModelConfig(StrictModel):
     sw_batch_size: int = Field(default=4, gt=0)
     sw_overlap: float = Field(default=0.25, ge=0, lt=1)
     sw_mode: Literal["gaussian", "constant"] = "gaussian"
+    #: SBC-AL heads and loss weights (``arch: sbc_unet``)
+    sbc: SBCConfig = Field(default_factory=SBCConfig)
     # --- nnU-Net backend ---------------------------------------------------------------------------
     nnunet: NnUNetConfig = Field(default_factory=NnUNetConfig)
 

@@ -193,10 +193,15 @@ def sample_batch(cache: CaseCache, ids: Sequence[str], transform, batch_size: in
     return torch.stack(xs).float(), torch.stack(ys).round().long()
 
 
-def make_loss() -> nn.Module:
-    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` (MONAI)."""
+def make_loss(model_cfg: ModelConfig | None = None) -> nn.Module:
+    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` (MONAI); for
+    ``model.arch: sbc_unet`` SBC-AL's joint loss over its three outputs (:class:`raylearn.models.sbc.SBCLoss`)."""
     from monai.losses import DiceCELoss
 
+    if model_cfg is not None and model_cfg.arch == "sbc_unet":
+        from raylearn.models.sbc import SBCLoss
+
+        return SBCLoss(model_cfg.sbc.alpha, model_cfg.sbc.beta, model_cfg.sbc.gamma)
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 

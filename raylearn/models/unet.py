@@ -40,8 +40,8 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mo
     """The MONAI network described by ``cfg``: ``[B, in_channels, D, H, W] -> logits [B, num_classes, D, H, W]``."""
     from monai.networks.nets import DynUNet, UNet
 
-    if cfg.arch == "unet":
-        return UNet(
+    if cfg.arch in ("unet", "sbc_unet"):
+        unet = UNet(
             spatial_dims=3,
             in_channels=in_channels,
             out_channels=num_classes,
@@ -53,6 +53,12 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mo
             norm=cfg.norm,
             dropout=cfg.train_dropout,  # a float even at 0: the dropout layers exist for MC sampling
         )
+        if cfg.arch == "unet":
+            return unet
+        from raylearn.models.sbc import SBCUNet
+
+        return SBCUNet(unet, cfg.channels, num_classes, head_channels=cfg.sbc.head_channels, norm=cfg.norm,
+                       output=cfg.sbc.output)
     n = len(cfg.channels)
     return DynUNet(
         spatial_dims=3,
@@ -73,6 +79,7 @@ def bottleneck_module(net: nn.Module) -> nn.Module:
     from monai.networks.layers.simplelayers import SkipConnection
 
     net = getattr(net, "module", net)  # unwrap DistributedDataParallel
+    net = getattr(net, "unet", net)  # the U-Net inside an SBC U-Net (raylearn.models.sbc)
     if hasattr(net, "bottleneck"):  # DynUNet
         return net.bottleneck
     seq = net.model  # UNet: Sequential(down, SkipConnection(Sequential(down, SkipConnection(...), up)), up)
@@ -169,6 +176,22 @@ class MonaiSegmenter(Segmenter):
         with torch.no_grad():
             probs = torch.softmax(self._logits(x).float(), dim=1)[0]
         return probs.cpu().numpy().astype(np.float32, copy=False)
+
+    def predict_heads(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SBC-AL's three outputs by sliding-window inference (``model.arch: sbc_unet`` only).
+
+        Returns:
+            ``(coarse [K,D,H,W], sfp [K-1,D,H,W], refined [K,D,H,W])`` float32: the U-Net's softmax, the SFP head's
+            normalised signed distance maps (in ``[-1, 1]``) and the ASR module's softmax.
+        """
+        if self.cfg.arch != "sbc_unet":
+            raise NotImplementedError(f"model.arch {self.cfg.arch!r} has no SFP/ASR heads; use model.arch: sbc_unet")
+        x = self._as_input(image)
+        self.network.eval()
+        with torch.no_grad():
+            coarse, sfp, refined = self.inferer(tuple(x.shape[2:]))(x, self.network, heads=True)
+            coarse, refined = (torch.softmax(t.float(), dim=1)[0].cpu().numpy() for t in (coarse, refined))
+        return coarse, sfp.float()[0].cpu().numpy(), refined
 
     def predict_mc(self, image: np.ndarray, n_samples: int, seed: int = 0) -> np.ndarray:
         """MC-dropout samples ``float32 [T, K, D, H, W]``: dropout active at ``model.mc_dropout``, normalisation

@@ -10,6 +10,8 @@ when ``tta_variance`` is requested too), one ``predict_mc`` shared by the MC-dro
 - ``fg_volume``: ``float32 [K-1]`` predicted voxels per foreground class;
 - ``class_entropy``: ``float32 [K]`` ClaSP PE's stratum scores (volume means of the maps of
   :func:`raylearn.scoring.uncertainty.class_weighted_entropy`).
+- ``sbc_consistency``: ``float32 [3]`` SBC-AL's per-case components from one ``predict_heads`` call
+  (:func:`raylearn.scoring.sbc.sbc_case_scores`; only ``model.arch: sbc_unet`` has the heads).
 
 :data:`LABEL_FEATURES` are not computed from a model but read from the ground truth the pool store recorded at
 ingest (simulated oracle only): the driver fills them with :func:`label_feature_records`, the shards never see
@@ -29,6 +31,7 @@ from raylearn.config import StrictModel
 from raylearn.models.base import Segmenter
 from raylearn.scoring import uncertainty as unc
 from raylearn.scoring.reduce import foreground_volume, reduce_map
+from raylearn.scoring.sbc import sbc_case_scores
 
 __all__ = [
     "FEATURES",
@@ -71,6 +74,13 @@ FEATURES: dict[str, FeatureSpec] = {
     "class_entropy": FeatureSpec(
         "ClaSP PE stratum scores, float32 [K]: volume mean of the predictive entropy H ([0]) and of H * p_c ([c])",
         _P,
+        "vector",
+    ),
+    "sbc_consistency": FeatureSpec(
+        "SBC-AL components, float32 [3]: Q_cos (1 - cosine of the coarse mask's distance map and the SFP map), "
+        "Q_dice (1 - Dice of coarse and refined masks), Hausdorff distance of the two masks (voxels); "
+        "needs model.arch: sbc_unet",
+        frozenset({"predict_heads"}),
         "vector",
     ),
 }
@@ -175,6 +185,8 @@ def model_calls_for(names: Iterable[str], params: FeatureParams | None = None) -
         calls["predict_proba"] = 1
     if names & _MC:
         calls["predict_mc"] = 1
+    if "sbc_consistency" in names:
+        calls["predict_heads"] = 1
     n_embed = len(names & {"embedding", "weighted_embedding"})
     if n_embed:
         calls["embed"] = n_embed
@@ -273,6 +285,12 @@ def compute_features(
         fns = {"mc_entropy": unc.predictive_entropy, "bald": unc.bald, "mc_variance": unc.mc_variance}
         for name in sorted(wanted & _MC):
             out[name] = _scalar(reduce_map(fns[name](mc), labels=mc_labels, **red))
+    if "sbc_consistency" in wanted:
+        coarse, sfp, refined = _call(segmenter, "predict_heads", wanted, image)
+        _check_output(coarse, 4, k, spatial, "predict_heads (coarse)")
+        _check_output(sfp, 4, k - 1, spatial, "predict_heads (sfp)")
+        _check_output(refined, 4, k, spatial, "predict_heads (refined)")
+        out["sbc_consistency"] = sbc_case_scores(coarse, sfp, refined)
     if "embedding" in wanted:
         out["embedding"] = (
             np.asarray(_call(segmenter, "embed", wanted, image), dtype=np.float32).ravel().astype(np.float16)

@@ -26,6 +26,7 @@ def synthetic_pool(n=40, n_labeled=8, seed=0) -> PoolView:
     fg[rng.random(n) < 0.3, 1] = 0
     feats["fg_volume"] = fg
     feats["class_entropy"] = rng.random((n, 3)).astype(np.float32)
+    feats["sbc_consistency"] = (rng.random((n, 3)) * [2.0, 1.0, 20.0]).astype(np.float32)  # Q_cos, Q_dice, HD
     gt = rng.integers(0, 50, size=(n, 2)).astype(np.float32)
     gt[rng.random(n) < 0.3] = 0
     feats["label_class_voxels"] = gt
