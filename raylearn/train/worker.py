@@ -98,7 +98,7 @@ class _Loop:
         self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_case,
                                  version_of=getattr(self.store, "label_version", None))
         self.transform = None
-        self.loss_fn = T.make_loss()
+        self.loss_fn = T.make_loss(self.model_cfg)
         self.step_hook = config.get("step_hook")
 
     # -- state ------------------------------------------------------------------------------------
