@@ -33,8 +33,10 @@ class PromptableConfig(StrictModel):
         variant: ``"small"`` (CPU, 32^3 window, 0.7 M parameters) or ``"full"`` (the released 128^3 model).
         checkpoint: a local SAM-Med3D checkpoint (official ``model_state_dict`` layout) to start from; None =
             seeded random initialisation (``small`` from scratch).
-        image_size: edge of the model's cubic window in voxels of the pool store's grid; None = the variant's
-            (32 small, 128 full). Must be a multiple of the patch size (8 small, 16 full).
+        image_size: edge of the model's cubic window in voxels; None = the variant's (32 small, 128 full). Must
+            be a multiple of the patch size (8 small, 16 full).
+        target_spacing_mm: SAM-Med3D's isotropic grid (1.5 mm for the released model): stored cases are
+            resampled to it for training, as uploads are for inference.
         steps: optimiser steps per round after the first; ``first_round_steps``: round 0's (None = ``steps``).
         clicks: simulated clicks per training sample (iterative, from the error region, mask fed back).
         batch_size: class windows per step.
@@ -54,6 +56,7 @@ class PromptableConfig(StrictModel):
     variant: Literal["small", "full"] = "small"
     checkpoint: str | None = None
     image_size: int | None = Field(None, ge=8, le=256)
+    target_spacing_mm: float = Field(1.5, gt=0, le=10)
     steps: int = Field(40, ge=1)
     first_round_steps: int | None = Field(None, ge=1)
     clicks: int = Field(5, ge=1, le=20)
@@ -90,4 +93,5 @@ class PromptableConfig(StrictModel):
         from raylearn.models.sam_med3d import SamMed3DConfig
 
         extra = {"image_size": self.image_size} if self.image_size is not None else {}
-        return SamMed3DConfig(preset=self.variant, checkpoint=self.checkpoint, device=device, **extra)
+        return SamMed3DConfig(preset=self.variant, checkpoint=self.checkpoint, device=device,
+                              target_spacing_mm=self.target_spacing_mm, **extra)

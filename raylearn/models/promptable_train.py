@@ -4,11 +4,12 @@ Training follows SAM-Med3D's own recipe: a ``S^3`` window centred on one class o
 one at a time from the error region between the model's current mask and the label
 (:func:`raylearn.prompts.next_click`: a missed voxel gives a positive click, an extra voxel a negative one), the
 previous low-resolution mask fed back, a Dice + cross-entropy loss after every click, one optimiser step per
-batch. Inference (:func:`segment_case`) runs the same loop with :func:`raylearn.prompts.simulate_clicks`, per
-class, the reference being the segmenter's prediction or the ground truth.
+batch. Training windows are cut from the case on SAM-Med3D's grid (:func:`model_grid_case`: the stored case
+resampled to ``target_spacing_mm`` as inference resamples an upload), so the trained model sees what
+:func:`raylearn.p2p.preannotate_volume` and the Serve app give it.
 
-Arrays: images ``float32 [C, D, H, W]`` and labels ``uint8 [D, H, W]`` of the pool store's grid; windows
-``[S, S, S]``; click coordinates ``(d, h, w)`` window voxels. No Ray here.
+Arrays: cases on the model grid ``float32 [D, H, W]`` with labels ``uint8 [D, H, W]``; windows ``[S, S, S]``;
+click coordinates ``(d, h, w)`` window voxels. No Ray here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -28,13 +30,14 @@ from raylearn.models.sam_med3d import (
     SamMed3D,
     SamMed3DConfig,
     build_sam_med3d,
-    combine_class_probabilities,
     crop_window,
     load_checkpoint,
+    prepare_volume,
 )
-from raylearn.prompts import class_window_start, next_click, simulate_clicks
+from raylearn.prompts import class_window_start, next_click
 
-__all__ = ["PromptableTrainer", "load_promptable", "paste_window", "segment_case", "training_window"]
+__all__ = ["PromptableTrainer", "load_promptable", "model_grid_case", "served_config", "stored_image",
+           "training_window"]
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +52,7 @@ def _crop_mask(mask: np.ndarray, start: Sequence[int], size: int) -> np.ndarray:
     return out
 
 
-def paste_window(window: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """Inverse of the crop: ``window [S,S,S]`` placed at ``start`` in a zero array of ``shape`` (clipped)."""
-    out = np.zeros(tuple(shape), window.dtype)
-    size = window.shape[0]
-    dst = tuple(slice(max(s, 0), min(s + size, n)) for s, n in zip(start, out.shape, strict=True))
-    src = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(dst, start, strict=True))
-    if all(sl.stop > sl.start for sl in dst):
-        out[dst] = window[src]
-    return out
-
-
-def training_window(image: np.ndarray, label: np.ndarray, cls: int, size: int, jitter: int,
+def training_window(array: np.ndarray, label: np.ndarray, cls: int, size: int, jitter: int,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     """One training sample: the window centred on class ``cls`` (shifted by up to ``jitter`` voxels per axis).
 
@@ -71,7 +63,7 @@ def training_window(image: np.ndarray, label: np.ndarray, cls: int, size: int, j
     if jitter:
         start = start + rng.integers(-jitter, jitter + 1, size=3)
     st = tuple(int(v) for v in start)
-    return crop_window(image[0], st, size), _crop_mask(label == cls, st, size), st
+    return crop_window(array, st, size), _crop_mask(label == cls, st, size), st
 
 
 class PromptableTrainer:
@@ -87,6 +79,7 @@ class PromptableTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.sam_cfg: SamMed3DConfig = cfg.sam_config("cpu").model_copy(update={"init_seed": int(seed)})
+        self.target_spacing_mm = float(self.sam_cfg.target_spacing_mm)
         if self.sam_cfg.preset == "full" and not cfg.frozen and self.device.type != "cuda":
             raise ValueError("promptable.freeze_image_encoder: false with variant: full needs a GPU worker (one "
                              "CPU step of the full image encoder takes ~24 s and 5 GB); freeze it or use "
@@ -126,7 +119,8 @@ class PromptableTrainer:
         """An official-layout checkpoint (``model_state_dict``, ``arch``) plus ``meta`` (version, round, ...)."""
         buf = io.BytesIO()
         torch.save({"model_state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                    "arch": self.sam_cfg.arch(), "preset": self.sam_cfg.preset, "meta": dict(meta)}, buf)
+                    "arch": self.sam_cfg.arch(), "preset": self.sam_cfg.preset,
+                    "meta": {"target_spacing_mm": self.target_spacing_mm, **meta}}, buf)
         return buf.getvalue()
 
     # -- training ---------------------------------------------------------------------------------
@@ -204,7 +198,8 @@ class PromptableTrainer:
 
     def fit(self, cases: Sequence[tuple[str, np.ndarray, np.ndarray]], steps: int, seed: Sequence[int],
             start: int = 0, on_step=None) -> list[float]:
-        """``steps`` steps over ``cases`` (``(case_id, image [C,D,H,W], label [D,H,W])``); step ``s`` draws its
+        """``steps`` steps over ``cases`` (``(case_id, array [D,H,W], label [D,H,W])`` on the model grid, see
+        :func:`model_grid_case`); step ``s`` draws its
         batch and clicks from ``SeedSequence([*seed, s])``, so a restart at ``start`` continues identically."""
         losses = []
         for s in range(start, steps):
@@ -217,46 +212,39 @@ class PromptableTrainer:
 
 
 def load_promptable(path: str | Path, device: str = "cpu") -> SamMed3D:
-    """A :class:`SamMed3D` (inference) from a checkpoint written by :meth:`PromptableTrainer.checkpoint_bytes`."""
+    """A :class:`SamMed3D` (inference) from a checkpoint written by :meth:`PromptableTrainer.checkpoint_bytes`:
+    the architecture, preset and target spacing come from the checkpoint."""
+    return SamMed3D(served_config(path, device))
+
+
+def served_config(path: str | Path, device: str = "auto") -> SamMed3DConfig:
+    """The :class:`SamMed3DConfig` that serves a promptable checkpoint (architecture, spacing and path from it)."""
     obj = torch.load(Path(path), map_location="cpu", weights_only=False)
-    arch = dict(obj.get("arch") or {})
-    preset = obj.get("preset", "small")
-    cfg = SamMed3DConfig(preset=preset, checkpoint=str(path), device=device,
-                         **{k: (tuple(v) if isinstance(v, list) else v) for k, v in arch.items()})
-    return SamMed3D(cfg)
+    arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(obj.get("arch") or {}).items()}
+    meta = dict(obj.get("meta") or {})
+    extra = {"target_spacing_mm": float(meta["target_spacing_mm"])} if "target_spacing_mm" in meta else {}
+    return SamMed3DConfig(preset=obj.get("preset", "small"), checkpoint=str(path), device=device, **arch, **extra)
 
 
-def segment_case(sam: SamMed3D, image: np.ndarray, reference: np.ndarray, classes: Sequence[int], n_clicks: int,
-                 rng: np.random.Generator) -> np.ndarray:
-    """The promptable model's label map ``uint8 [D,H,W]`` after ``n_clicks`` simulated clicks per class.
-
-    Per class: the window centred on the class in ``reference`` (the segmenter's prediction or the ground truth),
-    :func:`raylearn.prompts.simulate_clicks` from the error region against ``reference`` with the low-res mask fed
-    back; the classes' probabilities are combined (arg-max above 0.5). A class absent from ``reference`` gets no
-    clicks and no voxels.
+def model_grid_case(image: np.ndarray, label: np.ndarray, spacing: Sequence[float],
+                    target_spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A stored case on SAM-Med3D's grid, exactly as inference sees it (:func:`prepare_volume`, then the label
+    resampled nearest-neighbour onto the same grid).
 
     Args:
-        sam: the promptable model (:func:`load_promptable`).
-        image: ``float32 [C,D,H,W]`` (channel 0 is prompted); reference: ``[D,H,W]`` label map.
+        image: ``[C,D,H,W]`` (channel 0 is used); label: ``uint8 [D,H,W]``; spacing: ``(D,H,W)`` mm.
+
+    Returns:
+        ``(array float32 [D',H',W'], label uint8 [D',H',W'])`` at ``target_spacing_mm`` isotropic.
     """
-    size = sam.image_size
-    probs: dict[int, np.ndarray] = {}
-    for k in classes:
-        ref = np.asarray(reference) == int(k)
-        if not ref.any():
-            continue
-        start = class_window_start(ref, size)
-        crop = crop_window(np.asarray(image)[0], start, size)
-        emb = sam.encode(crop[None])
-        last: dict[str, np.ndarray] = {}
+    from raylearn.p2p import reference_on_grid
 
-        def predict(_crop, points, labels, prev, emb=emb, last=last):
-            low = sam.decode(emb, [points.astype(np.float32)], [labels.astype(np.float32)], [prev])[0]
-            last["prob"] = sam.upsample(low)
-            return last["prob"] > 0.5, low
+    volume = prepare_volume(stored_image(image, spacing), target_spacing_mm)
+    return volume.array, reference_on_grid(volume, np.asarray(label, np.uint8))
 
-        simulate_clicks(predict, crop, _crop_mask(ref, start, size), n_clicks, rng)
-        probs[int(k)] = paste_window(last["prob"].astype(np.float32), start, ref.shape)
-    if not probs:
-        return np.zeros(np.asarray(reference).shape, np.uint8)
-    return combine_class_probabilities(probs)
+
+def stored_image(image: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
+    """Channel 0 of a stored case ``[C,D,H,W]`` as a ``sitk.Image`` with its spacing (``(D,H,W)`` mm)."""
+    img = sitk.GetImageFromArray(np.asarray(image, np.float32)[0])
+    img.SetSpacing(tuple(float(v) for v in spacing)[::-1])
+    return img

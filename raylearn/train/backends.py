@@ -36,10 +36,13 @@ class MonaiRounds:
 
     def __init__(self, store, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int, run_root: Path,
                  resume: bool, step_hook=None, name: str = "service", init_checkpoint: str | None = None,
-                 storage: str | None = None, scaling: dict | None = None, replan=None, max_replans: int = 3) -> None:
+                 storage: str | None = None, scaling: dict | None = None, replan=None, max_replans: int = 3,
+                 promptable=None) -> None:
         self.ckpt_dir = Path(run_root) / "checkpoints"
+        self.promptable = promptable if promptable is not None and promptable.enabled else None
         self._args = dict(store=store, model_cfg=model_cfg, train_cfg=train_cfg, total_steps=total_steps,
-                          storage_path=storage or Path(run_root) / "ray_train", name=name, step_hook=step_hook)
+                          storage_path=storage or Path(run_root) / "ray_train", name=name, step_hook=step_hook,
+                          promptable=self.promptable)
         self.replan, self.max_replans, self.replans = replan, int(max_replans), 0
         # on resume the service's own latest checkpoint wins; the last recorded round's weights are the
         # fallback when the run directory is gone (the optimiser state is then lost, and said so)
@@ -73,6 +76,27 @@ class MonaiRounds:
                 self.service = self._service(True, scaling).start()
         path = res.save(self.ckpt_dir / f"{name or f'round_{round_index:02d}'}.pt")
         return str(path), {**res.info, "wall_s": res.wall_s, "replans": self.replans}
+
+    def collect_promptable(self, round_index: int) -> dict[str, Any] | None:
+        """The round's promptable model (phase 2 of the round on the same workers): written atomically to
+        ``checkpoints/promptable_round_XX.pt`` beside the segmenter's; returns its info with ``checkpoint`` and
+        ``version``, or None when the promptable model is off. With ``promptable.serve_app`` set, the running
+        Serve app takes the weights live (:func:`raylearn.serve.publish.publish_promptable`)."""
+        if self.promptable is None:
+            return None
+        res = self.service.wait_promptable(round_index)
+        path = res.save(self.ckpt_dir / f"promptable_round_{round_index:02d}.pt")
+        info = {**res.info, "checkpoint": str(path), "wall_s": res.wall_s}
+        if self.promptable.serve_app:
+            from raylearn.serve.publish import publish_promptable
+
+            try:
+                info["served"] = publish_promptable(str(path), info["version"], app_name=self.promptable.serve_app)
+            except Exception as err:  # noqa: BLE001 - a missing or failing Serve app must not stop the run
+                log.warning("round %d: could not publish the promptable model to Serve app %r: %s", round_index,
+                            self.promptable.serve_app, err)
+                info["served"] = None
+        return info
 
     def stop(self) -> None:
         self.service.stop()
@@ -126,15 +150,18 @@ class NnunetRounds:
 
 def make_round_trainer(store, model_cfg: ModelConfig, train_cfg: TrainConfig, run_root: Path, rounds: int,
                        resume: bool, previous_checkpoint: str | None = None, step_hook=None,
-                       storage: str | None = None, scaling: dict | None = None, replan=None):
+                       storage: str | None = None, scaling: dict | None = None, replan=None, promptable=None):
     """The backend's round trainer for an experiment of ``1 + rounds`` rounds.
 
     ``storage`` (Ray Train's storage URI, default ``<run_root>/ray_train``) and ``scaling`` (the resource plan's
     ``num_workers`` / ``resources_per_worker`` / ``use_gpu``) apply to the MONAI service; the round checkpoints the
     driver keeps stay under ``run_root/checkpoints`` beside the ledger. ``replan`` (MONAI): see :class:`MonaiRounds`."""
     if model_cfg.backend == "nnunet":
+        if promptable is not None and promptable.enabled:
+            raise ValueError("promptable.enabled: the promptable model is fine-tuned by the MONAI training service; "
+                             "model.backend nnunet has none (set model.backend: monai_unet)")
         return NnunetRounds(store, model_cfg, train_cfg, run_root, resume, init_checkpoint=previous_checkpoint,
                             storage=storage, scaling=scaling)
     return MonaiRounds(store, model_cfg, train_cfg, train_cfg.run_steps(rounds), run_root, resume,
                        step_hook=step_hook, init_checkpoint=previous_checkpoint if resume else None,
-                       storage=storage, scaling=scaling, replan=replan)
+                       storage=storage, scaling=scaling, replan=replan, promptable=promptable)

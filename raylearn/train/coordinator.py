@@ -1,7 +1,8 @@
 """The round coordinator: the actor between the driver and the persistent Ray Train workers.
 
 The driver submits rounds (labelled ids, step budget, seed); workers block in :meth:`next_round` until one
-is there, train it, and rank 0 hands back the round's weights with :meth:`done`. The labelled set of a round
+is there, train it, and rank 0 hands back the round's weights with :meth:`done` (and, when the promptable model
+is fine-tuned too, its weights with :meth:`prompt_done` after that phase). The labelled set of a round
 may grow while it trains (:meth:`extend`): workers poll :meth:`labels` between steps, which is how people
 labelling through the annotation API feed a round that is already running.
 """
@@ -24,6 +25,7 @@ class RoundCoordinator:
     def __init__(self) -> None:
         self._rounds: dict[int, dict[str, Any]] = {}
         self._results: dict[int, dict[str, Any]] = {}
+        self._prompt_results: dict[int, dict[str, Any]] = {}  # the promptable model's phase of each round
         self._workers: list[dict[str, Any]] = []
         self._progress: dict[str, Any] = {}
         self._stopped = False
@@ -84,6 +86,22 @@ class RoundCoordinator:
                 return None
             return self._results[int(round_index)]
 
+    async def prompt_done(self, round_index: int, result: dict[str, Any]) -> None:
+        """Rank 0: the promptable model's result for the round (metrics and its checkpoint bytes)."""
+        async with self._c():
+            self._prompt_results[int(round_index)] = {**result, "published_at": time.time()}
+            self._c().notify_all()
+
+    async def wait_prompt(self, round_index: int, timeout_s: float) -> dict[str, Any] | None:
+        """Driver: the promptable model's result of the round, or None after ``timeout_s``."""
+        async with self._c():
+            try:
+                await asyncio.wait_for(self._c().wait_for(lambda: int(round_index) in self._prompt_results),
+                                       timeout_s)
+            except TimeoutError:
+                return None
+            return self._prompt_results[int(round_index)]
+
     async def stop(self) -> None:
         async with self._c():
             self._stopped = True
@@ -99,4 +117,5 @@ class RoundCoordinator:
     def status(self) -> dict[str, Any]:
         """``{workers, progress, submitted, finished}`` for monitoring and tests."""
         return {"workers": list(self._workers), "progress": dict(self._progress),
-                "submitted": sorted(self._rounds), "finished": sorted(self._results)}
+                "submitted": sorted(self._rounds), "finished": sorted(self._results),
+                "promptable_finished": sorted(self._prompt_results)}

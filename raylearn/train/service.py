@@ -88,6 +88,8 @@ class TrainingService:
         scaling: the run's resource plan for training (:class:`~raylearn.resource_plan.ResourcePlan`'s
             ``train_workers`` / ``train_resources`` / ``use_gpu``): ``{"num_workers": int | (min, max),
             "resources_per_worker": {...}, "use_gpu": bool}``; None = ``train_cfg``'s own settings.
+        promptable: the promptable model's settings; when enabled, every round has a second phase on the same
+            workers that fine-tunes it (:meth:`wait_promptable` returns its checkpoint).
 
     Test switch: ``RAYLEARN_GPU_FALLBACK=cpu`` (logical ``GPU`` resources without CUDA, as in the multi-node tests)
     makes a ``use_gpu`` run's process group use gloo instead of NCCL; the models then run on the CPU.
@@ -96,7 +98,7 @@ class TrainingService:
     def __init__(self, store, model_cfg: ModelConfig, train_cfg: TrainConfig, total_steps: int,
                  storage_path: str | Path, name: str = "service", resume: bool = False,
                  init_checkpoint: str | Path | None = None, step_hook: StepHook | None = None,
-                 scaling: dict[str, Any] | None = None) -> None:
+                 scaling: dict[str, Any] | None = None, promptable=None) -> None:
         if model_cfg.backend != "monai_unet":
             raise ValueError("TrainingService trains the MONAI backend; nnU-Net rounds use raylearn.train.nnunet")
         if model_cfg.patch_size == "auto" or model_cfg.dropout == "auto":
@@ -115,6 +117,7 @@ class TrainingService:
         self.name, self.resume = name, resume
         self.init_checkpoint = init_checkpoint
         self.step_hook = step_hook
+        self.promptable = promptable if promptable is not None and promptable.enabled else None
         self.coordinator: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -176,6 +179,7 @@ class TrainingService:
             "model_cfg": self.model_cfg.model_dump(mode="json"), "train_cfg": cfg.model_dump(mode="json"),
             "in_channels": in_ch, "num_classes": n_cls, "total_steps": self.total_steps,
             "step_hook": self.step_hook,
+            "promptable_cfg": self.promptable.model_dump(mode="json") if self.promptable is not None else None,
         }
         trainer = TorchTrainer(
             service_loop,
@@ -247,6 +251,8 @@ class TrainingService:
         steps = self.train_cfg.round_steps(round_index) if steps is None else int(steps)
         spec = {"round": int(round_index), "ids": ids, "steps": steps,
                 "seed": int(self.train_cfg.seed if seed is None else seed), "submitted_at": time.time()}
+        if self.promptable is not None:
+            spec["promptable_steps"] = self.promptable.round_steps(round_index)
         ray.get(self.coordinator.submit.remote(spec))
         self._submitted = time.perf_counter()
 
@@ -276,6 +282,28 @@ class TrainingService:
                                            f"{self._error or 'fit() returned'}")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"round {round_index} did not finish within {timeout_s} s")
+
+    def wait_promptable(self, round_index: int, timeout_s: float | None = None) -> RoundResult:
+        """Block until the round's promptable-model phase has published its weights (``checkpoint`` = bytes of an
+        official-layout SAM-Med3D checkpoint); raises :class:`TrainingServiceError` if training died."""
+        import ray
+
+        if self.promptable is None:
+            raise TrainingServiceError("this training service does not fine-tune a promptable model "
+                                       "(promptable.enabled is false)")
+        t0 = time.perf_counter()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            res = ray.get(self.coordinator.wait_prompt.remote(round_index, 2.0))
+            if res is not None:
+                info = {k: v for k, v in res.items() if k != "checkpoint"}
+                return RoundResult(round=int(round_index), checkpoint=res["checkpoint"], info=info,
+                                   wall_s=time.perf_counter() - t0)
+            if self._thread is not None and not self._thread.is_alive():
+                raise TrainingServiceError(f"training stopped before the promptable model of round {round_index} "
+                                           f"finished: {self._error or 'fit() returned'}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the promptable model of round {round_index} did not finish within {timeout_s} s")
 
     def fit_round(self, round_index: int, labeled_ids: Sequence[str], steps: int | None = None,
                   seed: int | None = None) -> RoundResult:

@@ -11,6 +11,13 @@ the last reported checkpoint: a round interrupted at step k continues from step 
 uninterrupted run would have drawn (see :mod:`raylearn.models.training`). A new driver (``--resume`` after
 ``kill -9``) starts the trainer on the same run directory and Ray Train hands the loop the same checkpoint.
 A finished round whose result may not have reached the coordinator is published again.
+
+With ``promptable.enabled`` each round has a second phase on the same workers, after the segmenter's
+weights are published: rank 0 fine-tunes the promptable model (SAM-Med3D,
+:class:`~raylearn.models.promptable_train.PromptableTrainer`, warm across rounds) on the round's labelled cases
+with simulated clicks, every rank reports a checkpoint that holds both models' state, and rank 0 publishes the
+promptable weights with ``RoundCoordinator.prompt_done``. A worker lost during that phase restarts it from the
+round's segmenter checkpoint (the phase is not checkpointed mid-way).
 """
 
 from __future__ import annotations
@@ -100,6 +107,12 @@ class _Loop:
         self.transform = None
         self.loss_fn = T.make_loss(self.model_cfg)
         self.step_hook = config.get("step_hook")
+        self.prompt_cfg = None
+        if config.get("promptable_cfg"):
+            from raylearn.models.promptable import PromptableConfig
+
+            self.prompt_cfg = PromptableConfig.model_validate(config["promptable_cfg"])
+        self.prompt = None  # the PromptableTrainer, built at the first promptable phase (or on restore)
 
     # -- state ------------------------------------------------------------------------------------
     def _read_case(self, cid: str):
@@ -117,6 +130,7 @@ class _Loop:
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "promptable": self.prompt.state() if self.prompt is not None else getattr(self, "_prompt_state", None),
                 "progress": dict(self.state)}
 
     def _load_train_state(self, st: dict[str, Any], attempt_offset: int) -> None:
@@ -128,6 +142,7 @@ class _Loop:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.state = {**st["progress"], "attempt": st["progress"]["attempt"] + attempt_offset}
+        self._prompt_state = st.get("promptable")  # loaded when the promptable trainer is built
         if self.rank == 0:
             logger.info("training service: restored round %d at step %d (%s), attempt %d", self.state["round"],
                         self.state["step"], "done" if self.state["done"] else "mid-round", self.state["attempt"])
@@ -173,6 +188,10 @@ class _Loop:
         if self.state["done"] and self.state["round"] >= 0:  # restored after a finished round: the driver may
             last = self.state["history"][-1] if self.state["history"] else {}  # not have its result yet
             self._publish(self.state["round"], last)
+        if self.state.get("prompt_pending"):  # lost during (or just before) the promptable phase: redo it
+            self._train_promptable(self.state["prompt_pending"])
+        elif self.state.get("prompt_info") and self.state["prompt_info"].get("round") == self.state["round"]:
+            self._publish_promptable(self.state["prompt_info"])
         while True:
             last_done = self.state["round"] if self.state["done"] else self.state["round"] - 1
             spec = ray.get(self.coord.next_round.remote(last_done))
@@ -238,8 +257,64 @@ class _Loop:
             info["val_dice"] = float(sums.sum() / counts.sum()) if counts.sum() else float("nan")
         self.state.update(done=True)
         self.state["history"] = [*self.state["history"], info]
+        if self.prompt_cfg is not None and spec.get("promptable_steps"):
+            self.state["prompt_pending"] = {"round": r, "ids": train_ids, "steps": int(spec["promptable_steps"]),
+                                            "seed": int(spec["seed"])}
         self._report({**{k: v for k, v in info.items() if isinstance(v, int | float)}, "done": True})
         self._publish(r, info)
+        if self.state.get("prompt_pending"):
+            self._train_promptable(self.state["prompt_pending"])
+
+    # -- the promptable model's phase ---------------------------------------------------------------
+    def _train_promptable(self, p: dict[str, Any]) -> None:
+        """Fine-tune the promptable model on the round's labelled cases (rank 0), report, publish its weights."""
+        r, steps = int(p["round"]), int(p["steps"])
+        info: dict[str, Any] = {"round": r, "steps": steps, "n_train": len(p["ids"])}
+        if self.rank == 0:
+            self._prompt_trainer()
+            t0 = time.perf_counter()
+            from raylearn.models.promptable_train import model_grid_case
+
+            cases = []
+            for cid in p["ids"]:  # on SAM-Med3D's grid, as inference resamples an upload
+                image, label = self._read_case(cid)
+                cases.append((cid, *model_grid_case(image, label, self.store.get(cid).spacing,
+                                                    self.prompt.target_spacing_mm)))
+            load_s = time.perf_counter() - t0
+
+            def progress(step: int, loss: float) -> None:
+                if (step + 1) % max(1, self.cfg.log_every) == 0:
+                    logger.info("[round %d] promptable step %d/%d loss %.4f", r, step + 1, steps, loss)
+
+            t0 = time.perf_counter()
+            losses = self.prompt.fit(cases, steps, seed=[int(p["seed"]), r, 1], on_step=progress)
+            info.update(train_s=time.perf_counter() - t0, load_s=load_s,
+                        loss_first=float(np.mean(losses[:5])), loss=float(np.mean(losses[-5:])),
+                        steps_done=self.prompt.steps_done, trainable_parameters=self.prompt.num_trainable,
+                        variant=self.prompt_cfg.variant, frozen_image_encoder=self.prompt_cfg.frozen,
+                        version=f"r{r:02d}-s{self.prompt.steps_done}")
+        self.state.update(prompt_pending=None, prompt_info=info)
+        self._report({"round": r, "done": True, "promptable": 1,
+                      **{k: v for k, v in info.items() if isinstance(v, int | float)}})
+        self._publish_promptable(info)
+
+    def _prompt_trainer(self):
+        """The promptable trainer (rank 0), built on first use from the restored state when there is one."""
+        if self.prompt is None:
+            from raylearn.models.promptable_train import PromptableTrainer
+
+            self.prompt = PromptableTrainer(self.prompt_cfg, device=self.device, seed=self.cfg.seed)
+            if getattr(self, "_prompt_state", None) is not None:
+                self.prompt.load_state(self._prompt_state)
+        return self.prompt
+
+    def _publish_promptable(self, info: dict[str, Any]) -> None:
+        import ray
+
+        if self.rank == 0 and self.prompt_cfg is not None:
+            self._prompt_trainer()
+            blob = self.prompt.checkpoint_bytes({k: info[k] for k in ("round", "version", "steps_done") if k in info})
+            ray.get(self.coord.prompt_done.remote(int(info["round"]), {**info, "checkpoint": blob}))
 
 
 def service_loop(config: dict[str, Any]) -> None:

@@ -9,7 +9,9 @@ import torch
 from raylearn.config import ConfigError, parse_config
 from raylearn.metrics import dice
 from raylearn.models.promptable import PromptableConfig
-from raylearn.models.promptable_train import PromptableTrainer, load_promptable, paste_window, segment_case
+from raylearn.models.promptable_train import PromptableTrainer, load_promptable, model_grid_case, stored_image
+from raylearn.models.sam_med3d import prepare_volume
+from raylearn.p2p import preannotate_volume
 
 
 def sphere_case(seed: int, shape=(32, 32, 32)):
@@ -17,16 +19,17 @@ def sphere_case(seed: int, shape=(32, 32, 32)):
     z, y, x = np.indices(shape)
     c, rad = rng.integers(12, 20, 3), rng.uniform(4, 7)
     lab = (((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rad**2).astype(np.uint8)
-    img = (lab * 2.0 + rng.normal(0, 0.5, shape)).astype(np.float32)[None]
-    return f"c{seed}", img, lab
+    img = (lab * 2.0 + rng.normal(0, 0.5, shape)).astype(np.float32)
+    return f"c{seed}", img, lab  # on the model grid (1.5 mm)
 
 
 def _dice_after_clicks(trainer: PromptableTrainer, tmp_path, case) -> float:
     path = tmp_path / f"p{trainer.steps_done}.pt"
     path.write_bytes(trainer.checkpoint_bytes({"version": trainer.steps_done}))
     sam = load_promptable(path)
-    out = segment_case(sam, case[1], case[2], [1], 3, np.random.default_rng(0))
-    return dice(out == 1, case[2] == 1)
+    volume = prepare_volume(stored_image(case[1][None], (1.5, 1.5, 1.5)), sam.cfg.target_spacing_mm)
+    res = preannotate_volume(sam, volume, case[2], 3, np.random.default_rng(0), classes=[1])
+    return dice(res.label_maps[3] == 1, case[2] == 1)
 
 
 def test_fine_tune_lowers_loss_and_raises_dice(tmp_path):
@@ -81,7 +84,11 @@ def test_config_errors_name_the_key(tmp_path):
         PromptableTrainer(PromptableConfig(variant="full", freeze_image_encoder=False), device="cpu")
 
 
-def test_paste_window_clips_at_the_border():
-    w = np.ones((4, 4, 4), np.uint8)
-    out = paste_window(w, (-2, 0, 3), (5, 5, 5))
-    assert out.sum() == 2 * 4 * 2 and out[0, 0, 3] == 1 and out[2, 0, 3] == 0
+def test_model_grid_case_resamples_image_and_label_together():
+    img = np.zeros((1, 20, 30, 10), np.float32)
+    lab = np.zeros((20, 30, 10), np.uint8)
+    lab[5:15, 10:20, 2:8], img[0, 5:15, 10:20, 2:8] = 2, 1.0
+    arr, grid_lab = model_grid_case(img, lab, (1.0, 0.5, 3.0), 1.5)
+    assert arr.shape == grid_lab.shape == (13, 10, 20)  # 20 mm, 15 mm, 30 mm at 1.5 mm
+    assert set(np.unique(grid_lab)) == {0, 2}
+    assert arr[grid_lab == 2].mean() > 0.7 and abs(int((grid_lab == 2).sum()) * 1.5**3 - 600) < 200  # ~600 mm^3
