@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-slow test-all lint install lock clean
+.PHONY: demo test test-slow test-all lint install lock clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,13 @@ lock:
 demo: $(STAMP)
 	$(BIN)/raylearn demo --out runs/demo
 
-test: $(STAMP)
+# headless Chromium for the status page's browser test (tests/annotation/test_status_page.py): Debian's package,
+# installed quietly only when missing (needs root, as in CI)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 # default + `slow` (job submit, nnU-Net rounds, Tune kill-and-resume, actor kills); `gpu` tests need a GPU.
@@ -41,7 +47,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'slow and not gpu' --timeout=900 --durations=15
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m 'not gpu' --timeout=900 --durations=15
 
 lint: $(STAMP)
