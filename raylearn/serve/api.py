@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
@@ -125,9 +124,9 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
                 raise HTTPException(422, str(err)) from None
         start = window_start(volume, centre, info["input_size"])
         before = svc.encoder_requests
-        emb = await svc.embedding(volume, start, info["input_size"])
+        emb = await svc.embedding(volume, start, info["input_size"], info.get("encoder_digest"))
         s = Session(volume=volume, start=start, size=info["input_size"], embedding=emb,
-                    encoder_calls=svc.encoder_requests - before)
+                    encoder_digest=info.get("encoder_digest"), encoder_calls=svc.encoder_requests - before)
         return svc.session_info(svc.sessions.add(s))
 
     @v1.get("/sessions/{session_id}", response_model=SessionInfo)
@@ -162,6 +161,7 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
                 grouped = group_clicks(s.volume, clicks, s.size, s.start)
             except ClickError as err:
                 raise HTTPException(422, str(err)) from None
+            await _refresh_embedding(s)
             todo = {k: grouped[k] for k in {c.label for c in new}}
             prev = {k: v for k, v in s.low_res.items() if k not in reset}
             low = await svc.decode(todo, {s.start: s.embedding}, prev)
@@ -171,6 +171,20 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
             label = await asyncio.to_thread(svc.to_label, s.volume, starts, s.low_res, s.size)
         return svc.respond(request, format, label, s.volume.original, session_id=s.session_id,
                            clicks=[ClickIn.from_click(c) for c in clicks])
+
+    async def _refresh_embedding(s: Session) -> None:
+        """The model took new weights (``raylearn run`` publishes the promptable model each round): a session
+        keeps its clicks and masks; its window is encoded again when the image encoder changed."""
+        info = await svc.model_info()
+        if info.get("encoder_digest") == s.encoder_digest:
+            return
+        if info["input_size"] != s.size:
+            raise HTTPException(409, f"the model's window changed from {s.size} to {info['input_size']} voxels since "
+                                     "this session began; start a new session")
+        before = svc.encoder_requests
+        s.embedding = await svc.embedding(s.volume, s.start, s.size, info.get("encoder_digest"))
+        s.encoder_digest = info.get("encoder_digest")
+        s.encoder_calls += svc.encoder_requests - before
 
     @v1.delete("/sessions/{session_id}", status_code=204)
     async def delete_session(session_id: str) -> Response:
@@ -208,18 +222,21 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
     async def preannotate(request: Request, file: VolumeFile,
                           label: Annotated[UploadFile | None, File(description="ground truth")] = None,
                           n_clicks: Annotated[int | None, Form(ge=1, le=50)] = None,
-                          n_negative: Annotated[int | None, Form(ge=0, le=50)] = None,
-                          seed: Annotated[int | None, Form(ge=0, le=2**32 - 1)] = None, format: Fmt = None):
-        """Segmenter prediction -> N simulated clicks per class (interior-weighted) -> SAM-Med3D mask per class."""
-        from raylearn.prompts import clicks_from_prediction, compare_symdiff_pct
-        from raylearn.serve.preannotate import segmenter_label_map, voxel_spacing
-
-        if svc.segmenter is None:
+                          seed: Annotated[int | None, Form(ge=0, le=2**32 - 1)] = None,
+                          reference: Annotated[Literal["prediction", "label"], Form(
+                              description="clicks simulated against the segmenter's prediction (pre-annotation) "
+                                          "or against the uploaded label (an expert's clicks)")] = "prediction",
+                          click_method: Annotated[Literal["random", "center"] | None, Form()] = None,
+                          format: Fmt = None):
+        """Segmenter prediction -> per class, N clicks added one at a time from the error region between
+        SAM-Med3D's mask and the reference (missed voxel: positive, extra voxel: negative), the previous low-res
+        mask fed back -> SAM-Med3D mask. Segmenter and SAM-Med3D run in the model deployment (its device)."""
+        if svc.cfg.segmenter_checkpoint is None:
             raise HTTPException(503, "pre-annotation needs a segmenter: set segmenter_checkpoint in the "
                                      f"{INGRESS_NAME} user_config")
         pc, cfg = svc.cfg.preannotate, svc.cfg
         info = await svc.model_info()
-        image, volume = await svc.prepare(file, info)
+        image = await svc.read(file, "file", info)
         gt = None
         if label is not None and label.filename:
             gt_img = await svc.read(label, "label", info)
@@ -228,26 +245,28 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
             import SimpleITK as sitk
 
             gt = sitk.GetArrayFromImage(gt_img).astype(np.int64)
-        t0 = time.perf_counter()
+            unknown = sorted(set(np.unique(gt).tolist()) - set(cfg.classes) - {0})
+            if unknown:
+                raise HTTPException(422, f"label: unknown class(es) {unknown[:5]} (known classes: "
+                                         f"{', '.join(str(k) for k in sorted(cfg.classes))})")
+        if reference == "label" and gt is None:
+            raise HTTPException(422, "reference=label needs the ground truth: upload it as 'label'")
+        n = n_clicks or pc.n_clicks
         try:
-            seg = await asyncio.to_thread(segmenter_label_map, svc.segmenter, image, cfg.segmenter_preprocess)
-        except ValueError as err:
-            raise HTTPException(422, str(err)) from None
-        t1 = time.perf_counter()
-        clicks = clicks_from_prediction(seg, n_clicks or pc.n_clicks, classes=cfg.classes,
-                                        n_negative=pc.n_negative if n_negative is None else n_negative,
-                                        spacing=voxel_spacing(image), seed=pc.seed if seed is None else seed)
-        out = np.zeros(volume.shape, np.uint8)
-        if clicks:
-            try:
-                out, _ = await svc.segment(volume, clicks, info)
-            except ClickError as err:  # e.g. a predicted structure wider than the model's field of view
-                raise HTTPException(422, f"pre-annotation clicks: {err}") from None
-        t2 = time.perf_counter()
-        symdiff = compare_symdiff_pct(out, seg, gt, cfg.classes) if gt is not None else None
-        return svc.respond(request, format, out, image, clicks=[ClickIn.from_click(c) for c in clicks],
-                           symdiff_pct=symdiff,
-                           timing_ms={"segmenter": 1e3 * (t1 - t0), "sam_med3d": 1e3 * (t2 - t1)})
+            out = await svc.model.preannotate.remote(
+                image, None if gt is None else gt.astype(np.uint8), segmenter_checkpoint=cfg.segmenter_checkpoint,
+                preprocess=cfg.segmenter_preprocess.model_dump(mode="json"), classes=sorted(cfg.classes),
+                n_clicks=n, seed=pc.seed if seed is None else seed, reference=reference,
+                method=click_method or pc.click_method)
+        except ValueError as err:  # e.g. a multi-channel segmenter; Ray re-raises the replica's ValueError
+            raise HTTPException(422, f"pre-annotation: {str(err).splitlines()[-1]}") from None
+        from raylearn.prompts import compare_symdiff_pct
+
+        symdiff = compare_symdiff_pct(out["label_map"], out["segmenter_label_map"], gt, cfg.classes) \
+            if gt is not None else None
+        return svc.respond(request, format, out["label_map"], image, clicks=[ClickIn.from_click(c) for c in
+                                                                             out["clicks"]],
+                           symdiff_pct=symdiff, timing_ms=out["timing_ms"])
 
     app.include_router(v1)
     from raylearn.serve.annotation_api import add_annotation_routes

@@ -33,17 +33,31 @@ class BatchingConfig(StrictModel):
 
 
 class ModelDeploymentConfig(StrictModel):
-    """``user_config`` of the ``SamMed3DModel`` deployment."""
+    """``user_config`` of the ``SamMed3DModel`` deployment.
+
+    Attributes:
+        version: a label of the weights (``raylearn run`` publishes ``r03-s160``: round 3, 160 fine-tuning steps);
+            shown by ``/v1/info``. A new version (or checkpoint) is loaded in place by ``reconfigure``: replicas
+            and the ingress's open sessions stay up.
+    """
 
     model: SamMed3DConfig = Field(default_factory=SamMed3DConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    version: str | None = Field(None, max_length=128)
 
 
 class PreannotateConfig(StrictModel):
-    """Defaults of ``POST /v1/preannotate`` (prediction -> prompt)."""
+    """Defaults of ``POST /v1/preannotate`` (prediction -> prompt, :mod:`raylearn.p2p`).
+
+    Attributes:
+        n_clicks: clicks per class, added one at a time from the error region (positive where the mask misses
+            the reference, negative where it exceeds it).
+        click_method: ``random`` (uniform in the error region, SAM-Med3D's default) or ``center`` (its core).
+        seed: seed of the click simulation.
+    """
 
     n_clicks: int = Field(5, ge=1, le=50)
-    n_negative: int = Field(0, ge=0, le=50)
+    click_method: Literal["random", "center"] = "random"
     seed: int = Field(0, ge=0)
 
 
@@ -91,7 +105,8 @@ class IngressConfig(StrictModel):
 
     Attributes:
         classes: label value -> name of the classes a click may target (and the segmenter predicts).
-        segmenter_checkpoint: a ``MonaiSegmenter.save`` checkpoint for ``/v1/preannotate`` (None disables it).
+        segmenter_checkpoint: a MONAI or nnU-Net segmenter checkpoint (``raylearn run`` writes them) for
+            ``/v1/preannotate`` (None disables it); the model deployment loads and runs it on its device.
         segmenter_preprocess: preprocessing the segmenter was trained with (applied before predicting).
         auth_token: bearer token required on every route but ``/healthz`` and the docs. Token sources, first
             found wins: this key, the token given to :func:`raylearn.serve.app.build_app` (``raylearn serve`` reads

@@ -58,7 +58,6 @@ class SamMed3DIngress:
         self.cfg: IngressConfig | None = None
         self.sessions = SessionStore()
         self.cache = EmbeddingCache()
-        self.segmenter = None
         self.segmenter_sha256: str | None = None
         self.encoder_requests = 0
         self.decoder_requests = 0
@@ -95,11 +94,12 @@ class SamMed3DIngress:
                 self._readers.shutdown(wait=False)
             self._readers = ThreadPoolExecutor(cfg.read_workers, thread_name_prefix="raylearn-read")
         if cfg.segmenter_checkpoint != (self.cfg.segmenter_checkpoint if self.cfg else None):
-            self.segmenter = self.segmenter_sha256 = None
-            if cfg.segmenter_checkpoint:
-                from raylearn.models.unet import MonaiSegmenter
+            self.segmenter_sha256 = None
+            if cfg.segmenter_checkpoint:  # loaded and run by the model deployment (on its device)
+                import os
 
-                self.segmenter = MonaiSegmenter.load(cfg.segmenter_checkpoint, device="cpu")
+                if not os.path.isfile(cfg.segmenter_checkpoint):
+                    raise ConfigError(f"{source}.segmenter_checkpoint: {cfg.segmenter_checkpoint}: file not found")
                 self.segmenter_sha256 = file_sha256(cfg.segmenter_checkpoint)
         self.cfg = cfg
 
@@ -144,8 +144,9 @@ class SamMed3DIngress:
                 known = ", ".join(f"{k} ({v})" for k, v in sorted(self.cfg.classes.items()))
                 raise HTTPException(422, f"click {i}: unknown class {c.label} (known classes: {known})")
 
-    async def embedding(self, volume: Volume, start, size: int) -> np.ndarray:
-        key = f"{volume.sha256}:{tuple(start)}:{size}"
+    async def embedding(self, volume: Volume, start, size: int, digest: str | None = None) -> np.ndarray:
+        """The window's embedding, cached per image encoder (``digest``: new encoder weights, new embedding)."""
+        key = f"{volume.sha256}:{tuple(start)}:{size}:{digest}"
         emb = self.cache.get(key)
         if emb is None:
             window = await asyncio.to_thread(crop_window, volume.array, start, size)
@@ -166,7 +167,8 @@ class SamMed3DIngress:
         """One-shot: window(s) around the clicks, embeddings (cached), one decoder pass per class."""
         grouped = group_clicks(volume, clicks, info["input_size"])
         starts = sorted({g[0] for g in grouped.values()})
-        embs = await asyncio.gather(*[self.embedding(volume, s, info["input_size"]) for s in starts])
+        embs = await asyncio.gather(*[self.embedding(volume, s, info["input_size"], info.get("encoder_digest"))
+                                      for s in starts])
         low = await self.decode(grouped, dict(zip(starts, embs, strict=True)), {})
         label = await asyncio.to_thread(self.to_label, volume, {k: grouped[k][0] for k in low}, low,
                                         info["input_size"])

@@ -183,12 +183,14 @@ def test_segment_one_shot_formats_world_clicks_and_cache(server):
 def test_preannotate_with_symdiff_pct(server):
     c = server.client
     r = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii), "label": ("gt.nii.gz", server.gt)},
-               data={"n_clicks": "3", "n_negative": "1", "seed": "0"})
+               data={"n_clicks": "3", "seed": "0"})
     mask = _mask(r)
     body = r.json()
     assert mask.shape == (20, 28, 24)
-    pos = [k for k in body["clicks"] if k["positive"]]
-    assert {k["label"] for k in pos} == {1, 2} and len(pos) == 6 and len(body["clicks"]) == 8
+    # per class, 3 clicks added one at a time from the error region; the first one is positive, in the prediction
+    assert [k["label"] for k in body["clicks"]] == [1, 1, 1, 2, 2, 2]
+    assert body["clicks"][0]["positive"] and body["clicks"][3]["positive"]
+    assert set(body["timing_ms"]) == {"segmenter", "sam_med3d"}
     lab = sitk.GetArrayFromImage(server.lbl)
     assert set(body["symdiff_pct"]) == {"1", "2"}
     for k, v in body["symdiff_pct"].items():
@@ -197,8 +199,28 @@ def test_preannotate_with_symdiff_pct(server):
         sam = 100 * ((mask == int(k)) ^ (lab == int(k))).sum() / ((mask == int(k)) | (lab == int(k))).sum()
         assert v["symdiff_pct_sam"] == pytest.approx(sam)
     again = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii)},
-                   data={"n_clicks": "3", "n_negative": "1", "seed": "0"}).json()
+                   data={"n_clicks": "3", "seed": "0"}).json()
     assert again["clicks"] == body["clicks"] and again["symdiff_pct"] is None  # seeded
+    # the authors' script: clicks simulated against the ground truth; the first click of a class lies in it
+    expert = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii), "label": ("gt.nii.gz", server.gt)},
+                    data={"n_clicks": "2", "reference": "label", "click_method": "center"}).json()
+    first = expert["clicks"][0]
+    assert first["positive"] and lab[tuple(int(round(v)) for v in first["voxel"])] == first["label"]
+
+
+def test_preannotate_bad_input(server):
+    c = server.client
+    r = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii)}, data={"reference": "label"})
+    assert r.status_code == 422 and "reference=label needs the ground truth" in r.json()["detail"]
+    r = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii)}, data={"reference": "expert"})
+    assert r.status_code == 422 and "reference" in r.json()["detail"]
+    bad = sitk.GetArrayFromImage(server.lbl).astype(np.uint8)
+    bad[0, 0, 0] = 9
+    img = sitk.GetImageFromArray(bad)
+    img.CopyInformation(server.lbl)
+    r = c.post("/v1/preannotate", files={"file": ("img.nii.gz", server.nii),
+                                         "label": ("gt.nii.gz", _bytes(img, server.tmp / "bad.nii.gz"))})
+    assert r.status_code == 422 and "unknown class(es) [9]" in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
