@@ -38,7 +38,38 @@ def build_app(cfg: ServeConfig | None = None, token: str | None = None):
     model = SamMed3DModel.options(user_config=cfg.model.model_dump(mode="json"), **cfg.model_options.as_kwargs())
     ingress = SamMed3DIngress.options(user_config=cfg.ingress.model_dump(mode="json"),
                                       **cfg.ingress_options.as_kwargs())
-    return ingress.bind(model.bind(), token)
+    return _pinned(ingress).bind(_pinned(model).bind(), token)
+
+
+def code_version() -> str:
+    """A digest of the Serve app's source (``raylearn/serve``, SAM-Med3D, prompts): the deployments' code version.
+
+    ``serve.run`` of an app built without one gives every deployment a random code version, so deploying it again
+    restarts every replica (open sessions lost). With this one, deploying the same code with another ``user_config``
+    (new weights, :func:`raylearn.serve.publish.publish_promptable`) is a lightweight update: Serve calls
+    ``reconfigure`` on the live replicas. Changed code still restarts them.
+    """
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted([*root.joinpath("serve").glob("*.py"), *root.joinpath("models").glob("sam_med3d*.py"),
+                     root / "prompts.py", root / "p2p.py"]):
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return "raylearn-" + h.hexdigest()[:16]
+
+
+def _pinned(deployment):
+    """The deployment with :func:`code_version` as its version (Serve's own ``options(version=...)``, which the
+    public API no longer takes; the user's options are applied before, so Serve still knows which they set)."""
+    try:
+        return deployment.options(_internal=True, version=code_version())
+    except TypeError:  # a Serve without the private keyword: redeploying then restarts the replicas
+        log.warning("Serve does not take a code version here: a weight update will restart the replicas")
+        return deployment
 
 
 #: module-level application for ``serve run deployments/serve.yaml`` (import_path raylearn.serve.app:app)

@@ -103,6 +103,8 @@ class ModelInfo(BaseModel):
     batching: dict
     encoder_calls: int = Field(..., description="windows encoded by the replica that answered")
     decoder_calls: int
+    version: str | None = Field(None, description="the weights' version (raylearn run publishes one per round)")
+    encoder_digest: str | None = Field(None, description="digest of the image encoder's weights")
 
 
 class InfoResponse(BaseModel):

@@ -22,6 +22,7 @@ class Session:
     start: tuple[int, int, int]
     size: int
     embedding: np.ndarray
+    encoder_digest: str | None = None  # the model's image encoder the embedding came from
     clicks: list[Click] = field(default_factory=list)
     low_res: dict[int, np.ndarray] = field(default_factory=dict)
     encoder_calls: int = 0
