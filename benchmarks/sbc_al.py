@@ -1,0 +1,190 @@
+"""SBC-AL against random and least confidence on MSD Task04 hippocampus (issue 17), MONAI backend on CPU.
+
+Two parts:
+
+1. **AL curves**: ``raylearn compare`` of ``sbc``, ``random`` and ``least_confidence`` over ``--seeds`` seeds, every
+   strategy on the same SBC U-Net (``model.arch: sbc_unet``, so the table isolates the query strategy; the cold
+   start of a seed is shared). Learning-engine recipe and split of ``benchmarks/clasp_pe.py`` (40 test cases, 161
+   pool cases, UNet 16-32-64-128 + SFP/ASR heads, whole volumes, batch 4, Adam 2e-3). Table: mean ± sd Dice at each
+   labelled %, ALC, S% / S95%, and a seed-paired comparison against random.
+2. **Cost of the extra heads**, outside Ray, same threads, the same pool volumes: median optimiser-step time
+   (batch 4 whole volumes) of the SBC U-Net with its joint loss vs the plain UNet with Dice+CE, and per-case
+   scoring time of ``sbc_consistency`` (one 3-output forward + distance transforms + Hausdorff) vs
+   ``least_confidence`` on the plain UNet.
+
+Paper figures for reference (2D, other data): ACDC 10 % labels 81.43 vs random 72.70; KiTS19 10 % 86.51 vs 67.30.
+
+Usage (run it alone on the machine; the lead schedules the full run)::
+
+    python benchmarks/sbc_al.py [--strategies sbc,random,least_confidence] [--seeds 3] [--cold 8] [--rounds 3]
+        [--batch 4] [--first-steps 300] [--steps 200] [--beta 1.0] [--gamma 1.0] [--out runs/bench_sbc]
+    python benchmarks/sbc_al.py --quick   # phantom smoke run; writes runs/bench_sbc_quick/sbc_al_quick.json only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _provenance import load_avg, provenance
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
+
+
+def _base_config(args: argparse.Namespace) -> dict:
+    sbc = {"alpha": 1.0, "beta": args.beta, "gamma": args.gamma}
+    if args.quick:  # phantoms: proves the pipeline, says nothing about the method
+        return {
+            "name": "sbc-quick", "output_dir": str(args.out / "unused"),
+            "data": {"dataset": "phantom", "store": str(args.out / "store"),
+                     "phantom": {"n_cases": 14, "shape": [24, 24, 24], "seed": 3}, "n_test": 3},
+            "cold_start": {"strategy": "random", "size": 2},
+            "schedule": {"rounds": 2, "batch_size": 2},
+            "model": {"arch": "sbc_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "sbc": sbc},
+            "train": {"first_round_steps": 4, "steps": 2, "batch_size": 2},
+            "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False},
+            "evaluate": {"hd95": False, "full_data_reference": False},
+        }
+    return {
+        "name": "hippocampus-sbc", "output_dir": str(args.out / "unused"),
+        "data": {"dataset": str(args.data), "store": str(args.out / "store"), "n_test": 40, "split_seed": 0},
+        "cold_start": {"strategy": "random", "size": args.cold},
+        "schedule": {"rounds": args.rounds, "batch_size": args.batch},
+        "model": {"arch": "sbc_unet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2,
+                  "sbc": sbc},
+        "train": {"first_round_steps": args.first_steps, "steps": args.steps, "batch_size": 4, "lr": 2e-3},
+        "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False},
+        "evaluate": {"hd95": False, "full_data_reference": True},
+    }
+
+
+def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dict:
+    """Step and scoring time of the SBC U-Net against the plain UNet of the same config (no Ray, this process)."""
+    import numpy as np
+    import torch
+
+    from raylearn.data.store import PoolStore
+    from raylearn.models import training as T
+    from raylearn.models.config import TrainConfig, resolve_model_config
+    from raylearn.models.unet import MonaiSegmenter
+    from raylearn.scoring.features import compute_features
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    store = PoolStore.open(store_dir)
+    ids = store.case_ids("pool")
+    shapes = list(store.manifest["shape"])
+    cfg = TrainConfig(batch_size=4 if n_steps > 2 else 2)
+    cpu = torch.device("cpu")
+    out: dict = {"threads": threads, "steps_timed": n_steps, "cases_scored": min(n_cases, len(ids))}
+    for arch, feature in (("unet", "least_confidence"), ("sbc_unet", "sbc_consistency")):
+        mcfg = resolve_model_config(model_cfg_sbc.model_copy(update={"arch": arch}), shapes)
+        seg = MonaiSegmenter(mcfg, store.num_channels, store.num_classes, seed=0, device=cpu)
+        opt = T.make_optimizer(seg.network.parameters(), cfg)
+        loss_fn = T.make_loss(mcfg)
+        cache = T.CaseCache(mcfg.patch_size, lambda c: (store.get(c).image, store.get(c).label))
+        cache.ensure(ids[:16])
+        tf = T.train_transforms(mcfg, cfg, crop=not cache.whole_volume())
+        times = []
+        for s in range(n_steps + 1):  # step 0 warms up, untimed
+            x, y = T.sample_batch(cache, ids[:16], tf, cfg.batch_size, s, [0])
+            t0 = time.perf_counter()
+            T.train_step(seg.network, x, y, opt, None, loss_fn, cpu)
+            if s:
+                times.append(time.perf_counter() - t0)
+        score = []
+        for cid in ids[: out["cases_scored"]]:
+            img = np.asarray(store.get(cid).image)
+            t0 = time.perf_counter()
+            compute_features(seg, img, [feature])
+            score.append(time.perf_counter() - t0)
+        params = sum(p.numel() for p in seg.network.parameters())
+        out[arch] = {"params": int(params), "step_s_median": statistics.median(times),
+                     "score_feature": feature, "score_s_per_case_median": statistics.median(score)}
+    out["step_time_ratio"] = out["sbc_unet"]["step_s_median"] / out["unet"]["step_s_median"]
+    out["score_time_ratio"] = out["sbc_unet"]["score_s_per_case_median"] / out["unet"]["score_s_per_case_median"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--strategies", default="sbc,random,least_confidence")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cold", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--first-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--beta", type=float, default=1.0, help="model.sbc.beta (SFP loss weight)")
+    ap.add_argument("--gamma", type=float, default=1.0, help="model.sbc.gamma (ASR loss weight)")
+    ap.add_argument("--cost-steps", type=int, default=20, help="timed optimiser steps per network")
+    ap.add_argument("--cost-cases", type=int, default=20, help="pool cases scored per network")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--quick", action="store_true", help="tiny phantom run (2 seeds) to check the pipeline")
+    args = ap.parse_args()
+    if args.out is None:
+        args.out = REPO / "runs" / ("bench_sbc_quick" if args.quick else "bench_sbc")
+    if args.quick:
+        args.seeds = min(args.seeds, 2)
+        args.cost_steps, args.cost_cases = min(args.cost_steps, 2), min(args.cost_cases, 2)
+    if args.seeds < 1:
+        sys.exit("--seeds must be >= 1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+    import logging
+
+    load_before = load_avg()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from raylearn.compare import compare
+    from raylearn.config import parse_config
+    from raylearn.experiment import ExperimentConfig
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    base = parse_config(_base_config(args), ExperimentConfig, source="sbc_al benchmark")
+    t0 = time.time()
+    res = compare(base, strategies, list(range(args.seeds)), args.out / "compare")
+    al_wall = time.time() - t0
+    t1 = time.time()
+    cost = head_cost(args.out / "store", base.model, args.cost_steps, args.cost_cases)
+    cost_wall = time.time() - t1
+
+    result = {
+        **provenance(load_before),
+        "setup": {"quick": args.quick, "strategies": strategies, "seeds": args.seeds, "cold_start": args.cold,
+                  "rounds": args.rounds, "batch": args.batch, "first_round_steps": args.first_steps,
+                  "steps_per_round": args.steps, "model": base.model.model_dump(mode="json")},
+        "full_pool_dice": res["reference_dice"],
+        "table_markdown": res["table"],
+        "rows": res["rows"],
+        "baseline": res["baseline"],
+        "paired": res["paired"],
+        "head_cost": cost,
+        "wall_s": {"al": round(al_wall, 1), "head_cost": round(cost_wall, 1)},
+    }
+    print(res["table"])
+    print(f"full-pool Dice {res['reference_dice']}")
+    u, s = cost["unet"], cost["sbc_unet"]
+    print(f"cost of the SFP/ASR heads ({cost['threads']} threads): params {u['params']} -> {s['params']}; "
+          f"train step {u['step_s_median']:.3f} s -> {s['step_s_median']:.3f} s (x{cost['step_time_ratio']:.2f}); "
+          f"scoring per case {u['score_feature']} {u['score_s_per_case_median']:.3f} s -> {s['score_feature']} "
+          f"{s['score_s_per_case_median']:.3f} s (x{cost['score_time_ratio']:.2f})")
+    out = args.out if args.quick else REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = "sbc_al_quick" if args.quick else "sbc_al"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
+    png = args.out / "compare" / "compare.png"
+    if png.is_file():
+        (out / f"{name}.png").write_bytes(png.read_bytes())
+    print(f"wrote {out / (name + '.json')} in {(al_wall + cost_wall) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
