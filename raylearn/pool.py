@@ -99,6 +99,7 @@ class PoolShard:
         self._case_hook = case_hook
         self._cases: dict[str, Any] = {}
         self._segmenter: tuple[str, Any] | None = None
+        self._extractor: tuple[str, Any] | None = None  # (weights hash, model) of a cold-start extractor
         self._started = time.time()
         self._load(case_ids)
 
@@ -218,6 +219,32 @@ class PoolShard:
             for name in feature_names:
                 rows[name].append(compact_feature(name, feats[name], cid))
         return {"ids": list(ids), "features": {k: np.stack(v) for k, v in rows.items() if v}}
+
+    def extract(self, model: list, model_hash: str, extractor: str, params: Any,
+                ids: Sequence[str]) -> dict[str, Any]:
+        """Label-free cold-start features of ``ids`` (:mod:`raylearn.models.extractors`), the extractor's model
+        loaded once per weights hash: ``{"ids", "features": {name: [N, ...]}}``. Each case's random stream (masks,
+        augmentations) is seeded by its id, so results do not depend on the sharding."""
+        import hashlib
+
+        from raylearn.models.extractors import extract_case, load_model
+
+        if self._extractor is None or self._extractor[0] != model_hash:
+            self._extractor = None
+            blob = model[0] if isinstance(model[0], bytes | bytearray) else ray.get(model[0])
+            self._extractor = (model_hash, load_model(extractor, blob, params))
+        rows: dict[str, list[np.ndarray]] = {}
+        for cid in ids:
+            image = self._cases[cid] if cid in self._cases else self._store.get(cid).image
+            seed = int.from_bytes(hashlib.sha256(cid.encode()).digest()[:4], "little")
+            try:
+                feats = extract_case(extractor, self._extractor[1], np.asarray(image), params, seed)
+            except Exception as err:  # name the case
+                raise PoolError(f"shard {self.index}: {extractor} features of {cid!r} failed: "
+                                f"{type(err).__name__}: {err}") from err
+            for name, value in feats.items():
+                rows.setdefault(name, []).append(compact_feature(name, value, cid))
+        return {"ids": list(ids), "features": {k: np.stack(v) for k, v in rows.items()}}
 
     def evaluate(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, ids: Sequence[str],
                  metric_kw: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -520,6 +547,19 @@ class ShardedPool:
                 for part in self._run_spread("evaluate", (ref_, digest, cls), chunk):
                     rows.extend(part)
         return rows
+
+    def extract(self, extractor: str, params: Any, blob: bytes, ids: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Cold-start extractor features of ``ids`` on the shards (split by voxel count; a dead shard's share is
+        re-run on the live ones): ``{id: {name: value}}``. ``blob`` (the extractor's weights) is ``ray.put`` once."""
+        if not ids:
+            return {}
+        ref = [ray.put(blob)]
+        digest = checkpoint_digest(blob)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for res in self._run_spread("extract", (ref, digest, extractor, params), list(ids)):
+            for k, cid in enumerate(res["ids"]):
+                out[cid] = {name: col[k] for name, col in res["features"].items()}
+        return out
 
     def score_cases(self, segmenter: Any, ids: Sequence[str], feature_names: Sequence[str], params: Any = None,
                     segmenter_cls: str | type | None = None) -> dict[str, dict[str, np.ndarray]]:

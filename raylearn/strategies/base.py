@@ -169,6 +169,17 @@ class QueryStrategy(ABC):
         """Validate the hyperparameters; raise ``ValueError`` naming the bad one. :func:`build_strategy` calls it,
         so a config is refused before any round runs. Default: nothing to check."""
 
+    def extractor_settings(self) -> dict[str, dict[str, Any]]:
+        """Settings of the label-free extractors behind the extractor features this instance requires
+        (``{extractor: settings}``, see :mod:`raylearn.extract`); empty by default (defaults are used)."""
+        return {}
+
+    def for_round(self, round_index: int) -> QueryStrategy:
+        """The configuration that selects round ``round_index`` (0 = the cold start). Default: ``self``; the
+        cold-start strategies with ``source: auto`` use their extractor's features at round 0 and the
+        segmenter's afterwards."""
+        return self
+
     def needs_labeled_features(self) -> bool:
         """Whether :meth:`select` also reads the required features of the *labelled* cases (so the pool must
         score them too). False by default; True for strategies seeded with the labelled set."""
@@ -268,9 +279,10 @@ def build_strategy(name: str, **params: Any) -> QueryStrategy:
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
     strategy = cls(**params)
+    from raylearn.scoring.coldstart import EXTRACTOR_FEATURES
     from raylearn.scoring.features import FEATURES, LABEL_FEATURES
 
-    known = set(FEATURES) | set(LABEL_FEATURES)
+    known = set(FEATURES) | set(LABEL_FEATURES) | set(EXTRACTOR_FEATURES)
     bad = sorted(strategy.required_features() - known)
     if bad:
         raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(known))}")
