@@ -11,9 +11,9 @@ size once and feeds both heads:
   ``c = model.sbc.head_channels`` or ``channels[0]``), then a 1^3 conv to ``K-1`` maps and ``tanh``: per foreground
   class the normalised signed distance map of :func:`raylearn.scoring.sbc.signed_distance_map` (in ``[-1, 1]``).
 - **ASR**: ``h = PReLU(norm(conv3([F, softmax(coarse)])))``; a 1^3 conv + norm gives attention logits over ``h``'s
-  channels, ``A = softmax(., dim=channels)`` per voxel; refined features ``h * (1 + c * A)`` (``c`` channels, so a
-  uniform attention is the identity); a 1^3 conv to ``K`` logits added to the coarse logits (the module learns a
-  correction of the coarse segmentation).
+  channels, ``A = softmax(., dim=channels)`` per voxel; refined features ``h * (c * A)`` (``c`` channels, so a
+  uniform attention ``A = 1/c`` leaves ``h`` as it is); a 1^3 conv to ``K`` logits added to the coarse logits
+  (the module learns a correction of the coarse segmentation).
 
 The paper (2D, no code) gives the blocks by name only; the layer widths, the upsampling point and the residual
 refinement are this implementation's reading. In 3D the heads run at full resolution on the upsampled features.
@@ -81,7 +81,7 @@ class ASRModule(nn.Module):
     def forward(self, feats: torch.Tensor, coarse_logits: torch.Tensor) -> torch.Tensor:
         h = self.embed(torch.cat([feats, torch.softmax(coarse_logits, dim=1)], dim=1))
         attn = torch.softmax(self.attend(h), dim=1)
-        return coarse_logits + self.out(h * (1.0 + self.hidden * attn))
+        return coarse_logits + self.out(h * (self.hidden * attn))  # uniform attention (1/c): h itself
 
 
 class SBCUNet(nn.Module):
