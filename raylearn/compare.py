@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from raylearn.config import ConfigError
+from raylearn.config import ConfigError, parse_config
 from raylearn.curves import (
     best_random_baseline,
     format_paired,
@@ -45,6 +45,10 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
             build_strategy(name, **(strategy_params or {}).get(name, {}))
         except (ValueError, TypeError, KeyError) as err:
             raise ConfigError(f"compare: --strategies: {err}") from None
+        # the strategy against the base model too (e.g. sbc needs model.arch: sbc_unet), as `run` would check it
+        parse_config({**base.model_dump(mode="json"),
+                      "strategy": {"name": name, "params": (strategy_params or {}).get(name, {})}},
+                     ExperimentConfig, source=f"compare --strategies {name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = base.data.store or str(out / "store")

@@ -34,3 +34,14 @@ def test_sbc_run_end_to_end(ray_session, tmp_path):
     # the shards scored the pool (the sbc_consistency vectors are not kept in the ledger, only scalar scores)
     assert r1["timings"]["score_s"] > 0 and res.rounds[0]["timings"]["score_s"] < 0.01
     assert Path(r1["checkpoint"]).is_file()
+
+
+def test_compare_refuses_sbc_on_a_model_without_heads(tmp_path):
+    from raylearn.compare import compare
+    from raylearn.config import ConfigError, parse_config
+    from raylearn.experiment import ExperimentConfig
+
+    base = parse_config({"data": {"dataset": "phantom"}, "model": {"arch": "unet"}}, ExperimentConfig)
+    with pytest.raises(ConfigError, match=r"compare --strategies sbc: .*model.arch is 'unet'.*arch: sbc_unet"):
+        compare(base, ["random", "sbc"], [0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any run started
