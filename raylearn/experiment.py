@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
 from raylearn.data.preprocess import PreprocessConfig
 from raylearn.models.config import ModelConfig, TrainConfig
+from raylearn.models.promptable import PromptableConfig
 from raylearn.scoring.features import FeatureParams, model_calls_for
 from raylearn.tracking import TrackingConfig
 
@@ -219,8 +220,24 @@ class ExperimentConfig(StrictModel):
     cluster: ClusterConfig = ClusterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     oracle: Literal["simulated", "human"] = "simulated"
+    #: the promptable model (SAM-Med3D) fine-tuned after every round by the training service
+    promptable: PromptableConfig = PromptableConfig()
     #: MLflow / TensorBoard (:mod:`raylearn.tracking`); left out of the config hash: it does not shape results
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_promptable(self) -> ExperimentConfig:
+        p = self.promptable
+        if not p.enabled:
+            return self
+        if self.model.backend != "monai_unet":
+            raise ValueError("promptable.enabled: the promptable model is fine-tuned by the MONAI training service; "
+                             f"model.backend {self.model.backend} has none (use model.backend: monai_unet)")
+        if p.variant == "full" and not p.frozen and self.cluster.gpus == 0:
+            raise ValueError("promptable.freeze_image_encoder: fine-tuning the full model's image encoder needs GPUs "
+                             "(cluster.gpus is 0); set it to true (prompt encoder + mask decoder only) or use "
+                             "promptable.variant: small")
+        return self
 
     @model_validator(mode="after")
     def _check_strategies(self) -> ExperimentConfig:

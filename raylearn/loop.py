@@ -109,7 +109,8 @@ def _selected_scores(view, chosen: list[str]) -> dict[str, list[float]] | None:
 def _config_json(cfg: ExperimentConfig) -> dict:
     """The config as the ledger records and hashes it: ``tracking`` left out (where a run is watched does not change
     what it computes, so a resume may log elsewhere)."""
-    return cfg.model_dump(mode="json", exclude={"tracking"})
+    exclude = {"tracking"} | (set() if cfg.promptable.enabled else {"promptable"})  # runs from before it hash alike
+    return cfg.model_dump(mode="json", exclude=exclude)
 
 
 def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_change: bool) -> tuple[Ledger, str]:
@@ -204,7 +205,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     trainer = make_round_trainer(LabelledStore(store, labels), model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
                                  step_hook=step_hook, storage=storage, scaling=plan.scaling(),
-                                 replan=replan_training(cfg, len(pool_ids) - len(labeled)))
+                                 replan=replan_training(cfg, len(pool_ids) - len(labeled)), promptable=cfg.promptable)
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()
@@ -271,6 +272,10 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                                   time.perf_counter() - t1)
             metrics = mean_metrics(pool.collect_evaluate(pending, checkpoint, metric_kw))
             timings["eval_s"] = time.perf_counter() - t0 - (prefetched[2] if prefetched else 0.0)
+            if cfg.promptable.enabled:  # fine-tuned by the workers beside this evaluation and the next scoring
+                t1 = time.perf_counter()
+                info["promptable"] = trainer.collect_promptable(r)
+                timings["promptable_wait_s"] = time.perf_counter() - t1
             rec = ledger.append(
                 "round", round=r, selected=chosen, scores=scores, n_labeled=len(labeled),
                 fraction_labelled=len(labeled) / len(pool_ids), metrics=metrics, timings=timings,
@@ -303,6 +308,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         reference = rec["metrics"].get("dice_mean")
     write_outputs(out, rounds, class_names, reference, cfg.name)
     data = summary(cfg.name, cfg.strategy.name, cfg.seed, rounds, reference, chash)
+    if cfg.promptable.enabled and cfg.promptable.evaluate:  # (a) / (b) / (c) per round: p2p_rounds.{csv,md,png}
+        from raylearn.p2p_rounds import measure_rounds
+
+        p2p = measure_rounds(out, store, rounds, test_ids, cfg.promptable.eval_clicks, cfg.seed,
+                             cfg.promptable.eval_max_cases, class_names)
+        data["promptable"] = {"summary": p2p["summary"], "goals": p2p["goals"], "wall_s": p2p["wall_s"]}
     write_summary(out, data)
     if tracker is not None:
         tracker.finish(data)

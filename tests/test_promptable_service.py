@@ -4,6 +4,7 @@ each segmenter round, warm across rounds, and publishes a loadable checkpoint pe
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +64,43 @@ def test_wait_promptable_without_the_phase_is_a_clear_error(store, tmp_path):
     svc = TrainingService(store, model, TrainConfig(), total_steps=1, storage_path=tmp_path)
     with pytest.raises(TrainingServiceError, match="promptable.enabled is false"):
         svc.wait_promptable(0)
+
+
+@pytest.mark.slow
+def test_a_run_fine_tunes_the_promptable_model_each_round_and_measures_it(ray_session, tmp_path):
+    """``raylearn run`` with ``promptable.enabled``: per-round promptable checkpoints beside the segmenter's, in the
+    ledger, and the (a)/(b)/(c) table, CSV and PNG in the run's folder."""
+    import csv
+
+    from raylearn.config import parse_config
+    from raylearn.experiment import ExperimentConfig
+    from raylearn.loop import run_experiment
+
+    cfg = parse_config({
+        "name": "tiny-promptable", "seed": 1, "output_dir": str(tmp_path / "run"),
+        "data": {"dataset": "phantom", "phantom": {"n_cases": 10, "shape": [24, 24, 24], "seed": 1}, "n_test": 2,
+                 "store": str(tmp_path / "store")},
+        "cold_start": {"strategy": "random", "size": 2}, "strategy": {"name": "random"},
+        "schedule": {"rounds": 1, "batch_size": 2},
+        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "train": {"first_round_steps": 4, "steps": 2, "batch_size": 2, "log_every": 2, "checkpoint_every": 4},
+        "pool": {"n_shards": 1, "num_cpus": 0.25, "progress": False},
+        "evaluate": {"hd95": False},
+        "promptable": {"enabled": True, "first_round_steps": 4, "steps": 2, "batch_size": 1, "clicks": 2,
+                       "eval_clicks": 2},
+    }, ExperimentConfig, source="test")
+    res = run_experiment(cfg, progress=False)
+    out = res.output_dir
+    infos = [r["train_info"]["promptable"] for r in res.rounds]
+    assert [i["steps_done"] for i in infos] == [4, 6]
+    assert [Path(i["checkpoint"]).name for i in infos] == ["promptable_round_00.pt", "promptable_round_01.pt"]
+    assert all(Path(i["checkpoint"]).parent == Path(r["checkpoint"]).parent
+               for i, r in zip(infos, res.rounds, strict=True))
+    rows = list(csv.DictReader((out / "p2p_rounds.csv").open()))
+    assert [(int(r["round"]), r["method"]) for r in rows] == [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"),
+                                                              (1, "c")]
+    assert all(0.0 <= float(r["nsd_overall"]) <= 100.0 and 0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
+    assert (out / "p2p_rounds.png").stat().st_size > 0 and "(b) segmenter -> clicks" in (out / "p2p_rounds.md"
+                                                                                           ).read_text()
+    goals = res.summary["promptable"]["goals"]
+    assert set(goals) >= {"b_beats_a_from_round_2", "c_at_most_20pct_last_round"}

@@ -48,8 +48,10 @@ class PromptableConfig(StrictModel):
         evaluate: measure every round on the test split after the run: (a) segmenter, (b) segmenter -> clicks
             -> promptable model, (c) ground-truth clicks -> promptable model (``p2p_rounds.{csv,md,png}``).
         eval_max_cases: test cases of that measurement (None = all of ``evaluate.max_test_cases``' split).
-        serve_app: name of a running Serve app (``raylearn serve``, same Ray cluster) whose SAM-Med3D deployment
-            takes each round's weights live (a new ``version`` in its ``user_config``); None = do not publish.
+        serve_config: the Serve config file a running app was started with (``raylearn serve --config``, same Ray
+            cluster): its SAM-Med3D deployment takes each round's weights live (a new ``version`` in its
+            ``user_config``, :func:`raylearn.serve.publish.publish_promptable`); None = do not publish.
+        serve_app: that app's name (None = the Serve config's ``name``).
     """
 
     enabled: bool = False
@@ -68,12 +70,17 @@ class PromptableConfig(StrictModel):
     eval_clicks: int = Field(5, ge=1, le=50)
     evaluate: bool = True
     eval_max_cases: int | None = Field(None, ge=1)
+    serve_config: str | None = None
     serve_app: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PromptableConfig:
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
             raise ValueError(f"checkpoint: {self.checkpoint} is not a file (a local SAM-Med3D checkpoint)")
+        if self.serve_config is not None and not Path(self.serve_config).expanduser().is_file():
+            raise ValueError(f"serve_config: {self.serve_config} is not a file (the Serve config of the running app)")
+        if self.serve_app is not None and self.serve_config is None:
+            raise ValueError("serve_app: publishing to a Serve app needs serve_config (the file it was started with)")
         patch = 8 if self.variant == "small" else 16
         if self.image_size is not None and self.image_size % patch:
             raise ValueError(f"image_size: {self.image_size} is not a multiple of the {self.variant} variant's "

@@ -80,21 +80,22 @@ class MonaiRounds:
     def collect_promptable(self, round_index: int) -> dict[str, Any] | None:
         """The round's promptable model (phase 2 of the round on the same workers): written atomically to
         ``checkpoints/promptable_round_XX.pt`` beside the segmenter's; returns its info with ``checkpoint`` and
-        ``version``, or None when the promptable model is off. With ``promptable.serve_app`` set, the running
+        ``version``, or None when the promptable model is off. With ``promptable.serve_config`` set, the running
         Serve app takes the weights live (:func:`raylearn.serve.publish.publish_promptable`)."""
         if self.promptable is None:
             return None
         res = self.service.wait_promptable(round_index)
         path = res.save(self.ckpt_dir / f"promptable_round_{round_index:02d}.pt")
         info = {**res.info, "checkpoint": str(path), "wall_s": res.wall_s}
-        if self.promptable.serve_app:
+        if self.promptable.serve_config:
             from raylearn.serve.publish import publish_promptable
 
             try:
-                info["served"] = publish_promptable(str(path), info["version"], app_name=self.promptable.serve_app)
+                info["served"] = publish_promptable(str(path), info["version"], self.promptable.serve_config,
+                                                    app_name=self.promptable.serve_app)
             except Exception as err:  # noqa: BLE001 - a missing or failing Serve app must not stop the run
-                log.warning("round %d: could not publish the promptable model to Serve app %r: %s", round_index,
-                            self.promptable.serve_app, err)
+                log.warning("round %d: could not publish the promptable model to the Serve app of %s: %s",
+                            round_index, self.promptable.serve_config, err)
                 info["served"] = None
         return info
 
