@@ -141,3 +141,13 @@ def test_sbc_strategy_needs_the_heads_in_the_experiment_config():
     with pytest.raises(Exception, match="w_boundary"):
         parse_config({"strategy": {"name": "sbc", "params": {"w_boundary": -1}}, "model": {"arch": "sbc_unet"}},
                      ExperimentConfig, source="t")
+
+
+def test_a_copy_hooks_its_own_decoder():
+    """EMA (AveragedModel) deep-copies the network: the copy's heads must read the copy's decoder features."""
+    net = MonaiSegmenter(tiny_cfg(channels=(4, 8), strides=(2,), num_res_units=0), 1, 2, device=CPU).network
+    ema = T.make_ema(net, 0.9)
+    x, _ = batch()
+    with torch.no_grad():
+        assert ema.module.eval()(x).shape == (2, 2, 16, 16, 16)
+    assert net._feats is None and ema.module._feats is None  # consumed by the forward that captured them
