@@ -272,4 +272,7 @@ def build_api(svc: SamMed3DIngress) -> FastAPI:
     from raylearn.serve.annotation_api import add_annotation_routes
 
     add_annotation_routes(app, svc)
+    from raylearn.serve.nninteractive import add_nninteractive_routes
+
+    add_nninteractive_routes(app, svc)  # nnInteractive's protocols (3D Slicer): /nninteractive, /nninteractive-slicer
     return app

@@ -141,7 +141,9 @@ class GuardMiddleware:
             await _send_error(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                               {"WWW-Authenticate": "Bearer"})
             return
-        multipart = headers.get("content-type", "").lower().startswith("multipart/form-data")
+        ctype = headers.get("content-type", "").lower()
+        # uploads: multipart forms, and raw arrays (nnInteractive's protocol sends volumes as octet-stream)
+        multipart = ctype.startswith(("multipart/form-data", "application/octet-stream"))
         limit = g.max_upload_bytes if multipart else MAX_JSON_BYTES
         what = f"max_upload_mb = {limit / (1 << 20):g}" if multipart else "the 1 MiB of a non-upload body"
         declared = headers.get("content-length")
