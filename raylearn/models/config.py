@@ -66,7 +66,8 @@ class SBCConfig(StrictModel):
     """SBC-AL heads and joint loss (``model.sbc``), used when ``model.arch == "sbc_unet"``
     (:mod:`raylearn.models.sbc`): ``alpha * L_seg + beta * L_SFP (MSE) + gamma * L_ASR (Dice + CE)``.
 
-    The paper gives no weights; the defaults are the choice of the sweep in ``deployments/sweep_sbc.yaml``
+    The paper gives no weights. The defaults (all 1) are a neutral start, not a measured choice: the sweep
+    ``raylearn tune deployments/sweep_sbc.yaml`` (beta x gamma by ALC on hippocampus) decides them once it runs
     (README, SBC-AL section)."""
 
     alpha: float = Field(default=1.0, ge=0)
