@@ -188,11 +188,14 @@ class AnnotationService:
 
     # -- status -----------------------------------------------------------------------------------
     def status(self) -> dict:
+        """Round, labelled count, model version, learning curve, queue and leases, plus what the status page shows
+        (:func:`raylearn.serve.status_page.status_details`)."""
         from raylearn.ledger import Ledger
+        from raylearn.serve.status_page import status_details
 
         run, q = self.run(), self.ws.queue()
-        rounds = [r for r in Ledger(run["ledger"], readonly=True).records if r.get("kind") == "round"] \
-            if Path(run["ledger"]).exists() else []
+        records = Ledger(run["ledger"], readonly=True).records if Path(run["ledger"]).exists() else []
+        rounds = [r for r in records if r.get("kind") == "round"]
         curve = [{"round": r["round"], "n_labeled": r["n_labeled"], "fraction_labelled": r["fraction_labelled"],
                   "dice_mean": r["metrics"].get("dice_mean")} for r in rounds]
         stats = self.datastore_stats()
@@ -203,7 +206,8 @@ class AnnotationService:
                 "checkpoint": Path(q["checkpoint"]).name if q.get("checkpoint") else None,
                 "queue": [c for c in q.get("candidates", []) if c not in self.labels()],
                 "leases": {c: v.as_json() for c, v in leases.items()}, "learning_curve": curve,
-                "paused": bool((self.ws.read("control") or {}).get("paused", False))}
+                "paused": bool((self.ws.read("control") or {}).get("paused", False)),
+                **status_details(run, q, leases, self.labels().records(), records)}
 
     # -- inference --------------------------------------------------------------------------------
     def checkpoint(self) -> tuple[str, int | None]:

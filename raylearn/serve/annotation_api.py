@@ -16,8 +16,9 @@ and OHIF's MONAI Label plugins and the client talk to raylearn unchanged:
 | ``GET /auth/``, ``POST /auth/token``, ``GET /auth/token/valid`` | bearer tokens (password = the user's token) |
 
 raylearn's own: ``GET /v1/annotation/status`` (round, labelled count, model version, learning curve, queue,
-leases), ``POST|DELETE /v1/annotation/leases/{case}`` (take / renew / release), and for admins ``POST
-/v1/annotation/pause|resume``, ``PUT /v1/annotation/strategy``, ``GET /v1/annotation/export``.
+leases; and what the status page at ``GET /`` shows: :mod:`raylearn.serve.status_page`), ``GET
+/v1/annotation/thumbnail/{case}`` (PNG), ``POST|DELETE /v1/annotation/leases/{case}`` (take / renew / release),
+and for admins ``POST /v1/annotation/pause|resume``, ``PUT /v1/annotation/strategy``, ``GET /v1/annotation/export``.
 Roles: ``annotator`` (images, suggestions, labels, inference) and ``admin`` (everything); 403 names the role.
 """
 
@@ -287,3 +288,6 @@ def add_annotation_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                         headers={"Content-Disposition": 'attachment; filename="labels.zip"'})
 
     app.include_router(v1)
+    from raylearn.serve.status_page import add_status_routes
+
+    add_status_routes(app, svc, annotation, who)  # GET / (the status page), its plotly.js, case thumbnails

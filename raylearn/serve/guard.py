@@ -21,9 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-#: paths served without a token (liveness, the API docs, and MONAI Label's auth discovery and token exchange)
+#: paths served without a token (liveness, the API docs, MONAI Label's auth discovery and token exchange, and the
+#: status page's HTML and plotly.js, which hold no data: the page asks the API with the user's token)
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/auth/",
-                        "/auth", "/auth/token"})
+                        "/auth", "/auth/token", "/", "/ui/plotly.min.js"})
 #: roles of annotation users, each with the roles it includes
 ROLES = {"annotator": frozenset({"annotator"}), "admin": frozenset({"annotator", "admin"})}
 
