@@ -51,6 +51,33 @@ def test_compare_shares_cold_start_and_reference_and_writes_table(ray_session, t
              for s in ("random", "entropy") for k in (0, 1)}
     assert dices == {rec["metrics"]["dice_mean"]} and res["reference_dice"] == rec["metrics"]["dice_mean"]
     assert not any((out / s / f"seed_{k}" / "reference").exists() for s in ("random", "entropy") for k in (0, 1))
+    _check_mlflow(out, base.name)
+
+
+def _check_mlflow(out, experiment: str) -> None:
+    """The comparison in MLflow (``tracking.mlflow: auto``, the default store ``<out>/mlruns``), read back with
+    MLflow's own client: a finished parent run, one nested child per (strategy, seed) with a metric per round."""
+    pytest.importorskip("mlflow")
+    from raylearn.tracking import resolve_uri, tracking_client
+
+    client = tracking_client(resolve_uri(None, out))
+    exp = client.get_experiment_by_name(experiment)
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {f"{experiment} compare"} | {f"{experiment}-{s}-s{k}" for s in ("random", "entropy")
+                                                     for k in (0, 1)}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    parent = runs.pop(f"{experiment} compare")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    for name, run in runs.items():
+        summary = json.loads((out / run.data.tags["raylearn.strategy"] / f"seed_{run.data.tags['raylearn.seed']}"
+                              / "summary.json").read_text())
+        hist = client.get_metric_history(run.info.run_id, "dice_mean")
+        assert [h.step for h in hist] == [0, 1], name
+        assert [h.value for h in hist] == pytest.approx([c["dice_mean"] for c in summary["curve"]])
+        assert run.data.metrics["full_data_dice"] == pytest.approx(summary["full_data_dice"])
+        assert "learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert parent.data.metrics["alc_mean/entropy"] == pytest.approx(
+        json.loads((out / "compare.json").read_text())["rows"][1]["alc_mean"])
 
 
 def test_compare_rejects_unknown_strategy_before_running(tmp_path):
