@@ -43,7 +43,7 @@ PLOTLY_JS = "/ui/plotly.min.js"
 
 def _reference(run: Mapping[str, Any]) -> float | None:
     """The full-pool Dice once known: the run's ``summary.json``, else its cached reference (``compare`` shares one
-    from the comparison's folder, next to the run's ``<strategy>/seed_<s>``)."""
+    from the comparison's folder, two levels above the run's ``<strategy>/seed_<s>``)."""
     out = Path(run.get("output_dir") or Path(run["ledger"]).parent)
     try:
         ref = json.loads((out / "summary.json").read_text()).get("full_data_dice")
@@ -51,7 +51,10 @@ def _reference(run: Mapping[str, Any]) -> float | None:
             return float(ref)
     except (OSError, ValueError):
         pass
-    for path in (out / "reference" / "reference.json", out.parent.parent / "reference" / "reference.json"):
+    paths = [out / "reference" / "reference.json"]
+    if out.name.startswith("seed_"):  # <compare>/<strategy>/seed_<s>: the comparison's shared reference
+        paths.append(out.parent.parent / "reference" / "reference.json")
+    for path in paths:
         try:
             return float(json.loads(path.read_text())["metrics"]["dice_mean"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -183,3 +183,53 @@ def test_page_shows_nothing_running_and_asks_for_a_token(page):
     dom.feed(_chromium(f"{page.url}/#token=not-a-valid-token", "--dump-dom", budget_ms=8000))
     assert dom.text["state"] == "token needed" and "refused (401)" in dom.text["message"]
     assert "hidden" not in dom.attrs["login"] and "hidden" in dom.attrs["cards"]
+
+
+def test_thumbnail_overlays_the_prediction_on_the_middle_slice():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from raylearn.serve.status_page import CLASS_COLOURS, thumbnail_png
+
+    image = np.zeros((1, 9, 20, 10), np.float32)
+    image[0, 4, :, :5] = 100.0  # the middle slice: left half bright
+    pred = np.zeros((9, 20, 10), np.uint8)
+    pred[4, :4, :] = 2
+    img = np.asarray(Image.open(io.BytesIO(thumbnail_png(image, pred, size=160))))
+    assert img.shape == (160, 80, 3)  # nearest upscale x8 of 20 x 10
+    want = 0.55 * 255 + 0.45 * np.array(CLASS_COLOURS[1])  # class 2 over the bright half
+    np.testing.assert_allclose(img[0, 0], want, atol=1.5)
+    np.testing.assert_array_equal(img[100, 0], [255, 255, 255])
+    np.testing.assert_array_equal(img[100, 79], [0, 0, 0])
+    plain = np.asarray(Image.open(io.BytesIO(thumbnail_png(image, None, size=160))))
+    np.testing.assert_array_equal(plain[0, 0], [255, 255, 255])
+
+
+def test_status_details_from_workspace_state(tmp_path):
+    from raylearn.serve.status_page import status_details
+
+    out = tmp_path / "cmp" / "entropy" / "seed_0"
+    out.mkdir(parents=True)
+    (tmp_path / "cmp" / "reference").mkdir()
+    (tmp_path / "cmp" / "reference" / "reference.json").write_text(json.dumps({"metrics": {"dice_mean": 0.7}}))
+    now = time.time()
+    run = {"output_dir": str(out), "ledger": str(out / "ledger.jsonl"), "pool_ids": ["a", "b", "c", "d"],
+           "started": now - 10}
+    lease = SimpleNamespace(user="bob", expires=now + 60)
+    rec = [SimpleNamespace(case_id="a", version=1, tag="final", annotator="sim", source="simulated", time=now - 5,
+                           foreground_voxels=10, info={}),
+           SimpleNamespace(case_id="b", version=1, tag="final", annotator="al", source="human", time=now,
+                           foreground_voxels=12, info={"lease_acquired": now - 30})]
+    ledger = [{"kind": "selected", "round": 1, "ids": ["b", "c", "d"], "scores": {"margin": [0.1, 0.2, 0.3]}},
+              {"kind": "round", **_round(0, 2, 4)}]
+    d = status_details(run, {"round": 1, "candidates": ["b", "c", "d"], "updated": now}, {"c": lease}, rec, ledger)
+    assert d["state"] == "running" and d["reference_dice"] == 0.7
+    assert [(g["case_id"], g["scores"], g["leased_by"]) for g in d["suggestions"]] == \
+        [("c", {"margin": 0.2}, "bob"), ("d", {"margin": 0.3}, None)]
+    assert d["cost"]["labelled"] == 2 and d["cost"]["labelled_pct"] == 50.0 and d["cost"]["annotation_s"] == 30.0
+    assert [h["case_id"] for h in d["history"]] == ["b", "a"] and list(d["leases_by_user"]) == ["bob"]
+    (out / "summary.json").write_text(json.dumps({"full_data_dice": 0.75}))
+    d = status_details(run, {}, {}, [], ledger)
+    assert (d["state"], d["reference_dice"], d["suggestions"]) == ("finished", 0.75, [])
