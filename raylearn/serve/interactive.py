@@ -157,8 +157,8 @@ class InteractiveState:
         best = core[np.argmin(((core - core.mean(axis=0)) ** 2).sum(axis=1))]
         self.add_click(best, positive, what=f"{what} centre")
 
-    def set_segment(self, seg: np.ndarray, size: int) -> None:
-        """An initial segmentation: the current mask and the mask prompt; empty = reset."""
+    def set_segment(self, seg: np.ndarray, size: int, low_res_size: int) -> None:
+        """An initial segmentation: the current mask and the mask prompt (``low_res_size^3`` logits); empty = reset."""
         vol = self.require_image()
         s = np.asarray(seg)
         if s.shape != vol.shape:
@@ -179,9 +179,9 @@ class InteractiveState:
         t = torch.from_numpy(window)
         # the segmentation at the low-res cell centres (as SAM-Med3D's 4x upsampling places them); a structure
         # thinner than a cell: present wherever it touches the cell
-        low = torch.nn.functional.interpolate(t, size=(size // 4,) * 3, mode="trilinear", align_corners=False)
+        low = torch.nn.functional.interpolate(t, size=(low_res_size,) * 3, mode="trilinear", align_corners=False)
         if not (low > 0.5).any():
-            low = torch.nn.functional.adaptive_max_pool3d(t, size // 4)
+            low = torch.nn.functional.adaptive_max_pool3d(t, low_res_size)
         self.low_res = (MASK_LOGIT * (2.0 * low[0, 0].numpy() - 1.0)).astype(np.float32)
         self.clicks, self.mask, self.pending = [], (s > 0).astype(np.uint8), False
 
@@ -216,6 +216,12 @@ class InteractiveState:
         self.low_res, self.pending = low[OBJECT], False
         self.mask = (label == OBJECT).astype(np.uint8)
         return self.mask
+
+
+def window_sizes(info: dict) -> tuple[int, int]:
+    """``(S, L)``: the model's window edge and its low-res mask edge (4x the embedding grid), from ``/v1/info``."""
+    a = info["architecture"]
+    return int(info["input_size"]), 4 * (int(a["image_size"]) // int(a["patch_size"]))
 
 
 def changed_bbox(old: np.ndarray | None, new: np.ndarray) -> list[list[int]] | None:

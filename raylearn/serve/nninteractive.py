@@ -37,6 +37,7 @@ from raylearn.serve.interactive import (
     gzip_bits,
     load_npy,
     nnia_shape,
+    window_sizes,
 )
 
 if TYPE_CHECKING:
@@ -302,9 +303,9 @@ def add_nninteractive_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
                               x_lease_token: Annotated[str | None, Header(alias=LEASE_HEADER)] = None) -> Response:
         st = lease(x_lease_token)
         seg = await array_body(request, "initial segmentation", svc.cfg.max_voxels)
-        size = (await svc.model_info())["input_size"]
+        size, low = window_sizes(await svc.model_info())
         async with st.lock:
-            st.set_segment(seg, size)  # SAM-Med3D needs a click to refine: the segmentation is the mask prompt
+            st.set_segment(seg, size, low)  # SAM-Med3D needs a click to refine: the segmentation is the mask prompt
             return await result(st, None, False)
 
     app.include_router(r)
@@ -349,9 +350,9 @@ def _add_slicer_routes(app: FastAPI, svc: SamMed3DIngress, st: InteractiveState)
         if st.volume is None:
             return JSONResponse(no_image)
         seg = await npy_upload(file, "segment", gz=True)
-        size = (await svc.model_info())["input_size"]
+        size, low = window_sizes(await svc.model_info())
         async with st.lock:
-            st.set_segment(seg, size)
+            st.set_segment(seg, size, low)
         return {"status": "ok"}
 
     @s.post("/add_point_interaction")

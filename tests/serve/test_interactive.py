@@ -16,6 +16,7 @@ from raylearn.serve.interactive import (
     gzip_bits,
     load_npy,
     nnia_shape,
+    window_sizes,
 )
 
 
@@ -62,11 +63,16 @@ def test_initial_segment_is_the_mask_prompt():
     seg = np.zeros((30, 30, 30), np.uint8)
     seg[10:20, 12:18, 5:25] = 1
     st.add_click([15, 15, 15], True)
-    st.set_segment(seg, 32)
-    assert st.clicks == [] and np.array_equal(st.mask, seg) and st.low_res.shape == (8, 8, 8)
+    st.set_segment(seg, 32, 16)
+    assert st.clicks == [] and np.array_equal(st.mask, seg) and st.low_res.shape == (16, 16, 16)
     assert st.low_res.max() > 0 > st.low_res.min()  # inside positive logits, outside negative
-    st.set_segment(np.zeros_like(seg), 32)  # an empty segmentation resets
+    st.set_segment(np.zeros_like(seg), 32, 16)  # an empty segmentation resets
     assert st.low_res is None and not st.mask.any() and st.history == []
+
+
+def test_window_sizes_from_info():
+    assert window_sizes({"input_size": 128, "architecture": {"image_size": 128, "patch_size": 16}}) == (128, 32)
+    assert window_sizes({"input_size": 32, "architecture": {"image_size": 32, "patch_size": 8}}) == (32, 16)
 
 
 def test_changed_bbox():
