@@ -250,7 +250,9 @@ class ExperimentConfig(StrictModel):
             except (ValueError, TypeError, KeyError) as err:
                 raise ValueError(f"{where}: {err}") from None
             if where == "strategy":
-                self._check_backend_can_score(name, strategy.required_features())
+                from raylearn.extract import split_features  # extractor features need no segmenter call
+
+                self._check_backend_can_score(name, frozenset(split_features(strategy.required_features())[0]))
         return self
 
     def _check_backend_can_score(self, name: str, features: frozenset[str]) -> None:

@@ -69,17 +69,20 @@ def _strategy(cfg: ExperimentConfig, r: int):
 
     name, params = (cfg.cold_start.strategy, cfg.cold_start.params) if r == 0 else \
         (cfg.strategy.name, cfg.strategy.params)
-    return name, build_strategy(name, **{**params, "random_state": round_seed(cfg.seed, r)})
+    return name, build_strategy(name, **{**params, "random_state": round_seed(cfg.seed, r)}).for_round(r)
 
 
 def _features(pool, checkpoint: str, strategy, cfg: ExperimentConfig, pool_ids: list[str],
               labeled: list[str], round_index: int | None = None, store=None):
     """The strategy's features for every pool case (labelled ones only when it reads them) as a PoolView: model
-    features from the shards, ground-truth ones (``LABEL_FEATURES``) from the store; the view knows its round."""
+    features from the shards, ground-truth ones (``LABEL_FEATURES``) from the store, label-free extractor ones
+    (``EXTRACTOR_FEATURES``, the cold start's) from the store's cache or the shards; the view knows its round."""
+    from raylearn.extract import extractor_records, split_features
     from raylearn.scoring.features import label_feature_records, model_features
     from raylearn.strategies import PoolView
 
-    needs = model_features(strategy.requires)
+    others, ext_needs = split_features(strategy.requires)
+    needs = model_features(others)
     records: dict[str, dict[str, np.ndarray]] = {}
     if needs:
         res = pool.score(checkpoint, needs, cfg.features)
@@ -87,11 +90,17 @@ def _features(pool, checkpoint: str, strategy, cfg: ExperimentConfig, pool_ids: 
             records[str(cid)] = {name: col[k] for name, col in res["features"].items()}
         if strategy.needs_labeled_features():
             records.update(pool.score_cases(checkpoint, labeled, needs, cfg.features))
-    gt_needs = sorted(set(strategy.requires) - set(needs))
+    gt_needs = sorted(set(others) - set(needs))
+    ids = pool_ids if strategy.needs_labeled_features() else [c for c in pool_ids if c not in set(labeled)]
     if gt_needs:
-        ids = pool_ids if strategy.needs_labeled_features() else [c for c in pool_ids if c not in set(labeled)]
         for cid, rec in label_feature_records(store, ids, gt_needs).items():
             records.setdefault(cid, {}).update(rec)
+    if ext_needs:  # the whole pool split is extracted once and cached; the run reads what it needs
+        from raylearn.runtime import storage_uri
+
+        ext = extractor_records(pool, store, ext_needs, strategy.extractor_settings(), pool_ids, storage_uri(cfg))
+        for cid in ids:
+            records.setdefault(cid, {}).update(ext[cid])
     ctx = {"round_index": round_index, "n_rounds": cfg.schedule.rounds}
     if not records:
         return PoolView(ids=np.asarray(pool_ids, dtype=str), labeled_mask=np.isin(pool_ids, labeled), features={},
@@ -150,6 +159,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         step_hook: ``hook(rank, round, step, attempt)`` run in the training workers after every step.
         case_hook: ``hook(shard, position, case_id)`` run in the pool shards after every scored case.
     """
+    from raylearn.extract import split_features
     from raylearn.pool import ShardedPool
     from raylearn.reference import full_pool_reference, mean_metrics
     from raylearn.scoring.features import model_features
@@ -231,7 +241,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     log.info("budget spent after %d cases; stopping", len(labeled))
                     break
                 name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
-                if model_features(strategy.requires) and checkpoint is None:
+                if model_features(split_features(strategy.requires)[0]) and checkpoint is None:
                     raise ConfigError(f"strategy {name!r} needs features {sorted(strategy.requires)}, which need a "
                                       "trained model; use a feature-free cold_start strategy (e.g. random)")
                 if prefetched is not None and prefetched[0] == r:

@@ -92,12 +92,17 @@ def train_pretext(store: Any, case_ids: Sequence[str], params: Csal3dParams, sto
         in_channels: image channels C.
         torch_threads: intra-op threads per worker.
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if not case_ids:
         raise ValueError("train_pretext: no unlabelled cases to train on")
-    resources = {"CPU": 1, **({"GPU": 1} if params.use_gpu else {})}
+    # No CPU reservation: the pretext model trains during the cold start, while the run's training service
+    # (started beside the pool) holds its CPUs and idles until round 0 has labels; reserving another CPU would wait
+    # for ever on a fully planned cluster. A sliver of the driver node's own resource places it there instead
+    # (Ray refuses empty bundles). On GPUs the worker needs a whole free GPU.
+    resources = {"GPU": 1} if params.use_gpu else {f"node:{ray.util.get_node_ip_address()}": 0.001}
     trainer = TorchTrainer(
         _pretext_loop,
         train_loop_config={"store": store, "case_ids": list(case_ids), "params": params.model_dump(mode="json"),
