@@ -137,7 +137,9 @@ def add_nninteractive_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
     """Mount both nnInteractive protocols on ``app`` (state held per ingress replica, in this closure)."""
     leases = Leases()
     slicer_state = InteractiveState()
-    r = APIRouter(prefix=PREFIX, tags=["nnInteractive protocol (nninteractive-client)"])
+    from raylearn.serve.api import ERRORS  # every 4xx is {"detail": ...} (the one error shape)
+
+    r = APIRouter(prefix=PREFIX, tags=["nnInteractive protocol (nninteractive-client)"], responses=ERRORS)
 
     def lease(token: str | None, touch: bool = True) -> InteractiveState:
         return leases.get(token, svc.cfg.session_ttl_s, touch)
@@ -314,7 +316,10 @@ def add_nninteractive_routes(app: FastAPI, svc: SamMed3DIngress) -> None:
 
 def _add_slicer_routes(app: FastAPI, svc: SamMed3DIngress, st: InteractiveState) -> None:
     """``nninteractive-slicer-server``'s routes: one image per replica, whole-mask bit-packed gzip results."""
-    s = APIRouter(prefix=SLICER_PREFIX, tags=["nnInteractive protocol (nninteractive-slicer-server)"])
+    from raylearn.serve.api import ERRORS
+
+    s = APIRouter(prefix=SLICER_PREFIX, tags=["nnInteractive protocol (nninteractive-slicer-server)"],
+                  responses=ERRORS)
     no_image = {"status": "error", "message": "No image uploaded"}  # the extension re-uploads on this message
 
     def bits(mask: np.ndarray) -> Response:
