@@ -10,7 +10,8 @@ Two parts:
 2. **Cost of the extra heads**, outside Ray, same threads, the same pool volumes: median optimiser-step time
    (batch 4 whole volumes) of the SBC U-Net with its joint loss vs the plain UNet with Dice+CE, and per-case
    scoring time of ``sbc_consistency`` (one 3-output forward + distance transforms + Hausdorff) vs
-   ``least_confidence`` on the plain UNet.
+   ``least_confidence`` on the plain UNet; the SBC U-Net both with the heads at full resolution (the default) and
+   at the decoder's half resolution (``model.sbc.head_resolution: half``).
 
 Paper figures for reference (2D, other data): ACDC 10 % labels 81.43 vs random 72.70; KiTS19 10 % 86.51 vs 67.30.
 
@@ -38,7 +39,7 @@ DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
 
 
 def _base_config(args: argparse.Namespace) -> dict:
-    sbc = {"alpha": 1.0, "beta": args.beta, "gamma": args.gamma}
+    sbc = {"alpha": 1.0, "beta": args.beta, "gamma": args.gamma, "head_resolution": args.head_resolution}
     if args.quick:  # phantoms: proves the pipeline, says nothing about the method
         return {
             "name": "sbc-quick", "output_dir": str(args.out / "unused"),
@@ -83,8 +84,11 @@ def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dic
     cfg = TrainConfig(batch_size=4 if n_steps > 2 else 2)
     cpu = torch.device("cpu")
     out: dict = {"threads": threads, "steps_timed": n_steps, "cases_scored": min(n_cases, len(ids))}
-    for arch, feature in (("unet", "least_confidence"), ("sbc_unet", "sbc_consistency")):
-        mcfg = resolve_model_config(model_cfg_sbc.model_copy(update={"arch": arch}), shapes)
+    variants = (("unet", "unet", "least_confidence", "full"), ("sbc_unet", "sbc_unet", "sbc_consistency", "full"),
+                ("sbc_unet_half", "sbc_unet", "sbc_consistency", "half"))
+    for name, arch, feature, where in variants:
+        sbc = model_cfg_sbc.sbc.model_copy(update={"head_resolution": where})
+        mcfg = resolve_model_config(model_cfg_sbc.model_copy(update={"arch": arch, "sbc": sbc}), shapes)
         seg = MonaiSegmenter(mcfg, store.num_channels, store.num_classes, seed=0, device=cpu)
         opt = T.make_optimizer(seg.network.parameters(), cfg)
         loss_fn = T.make_loss(mcfg)
@@ -105,10 +109,11 @@ def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dic
             compute_features(seg, img, [feature])
             score.append(time.perf_counter() - t0)
         params = sum(p.numel() for p in seg.network.parameters())
-        out[arch] = {"params": int(params), "step_s_median": statistics.median(times),
+        out[name] = {"params": int(params), "step_s_median": statistics.median(times),
                      "score_feature": feature, "score_s_per_case_median": statistics.median(score)}
-    out["step_time_ratio"] = out["sbc_unet"]["step_s_median"] / out["unet"]["step_s_median"]
-    out["score_time_ratio"] = out["sbc_unet"]["score_s_per_case_median"] / out["unet"]["score_s_per_case_median"]
+    for name in ("sbc_unet", "sbc_unet_half"):
+        out[name]["step_time_ratio"] = out[name]["step_s_median"] / out["unet"]["step_s_median"]
+        out[name]["score_time_ratio"] = out[name]["score_s_per_case_median"] / out["unet"]["score_s_per_case_median"]
     return out
 
 
@@ -123,6 +128,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--beta", type=float, default=1.0, help="model.sbc.beta (SFP loss weight)")
     ap.add_argument("--gamma", type=float, default=1.0, help="model.sbc.gamma (ASR loss weight)")
+    ap.add_argument("--head-resolution", choices=("full", "half"), default="full",
+                    help="model.sbc.head_resolution of the AL runs")
     ap.add_argument("--cost-steps", type=int, default=20, help="timed optimiser steps per network")
     ap.add_argument("--cost-cases", type=int, default=20, help="pool cases scored per network")
     ap.add_argument("--out", type=Path, default=None)
@@ -171,11 +178,14 @@ def main() -> None:
     }
     print(res["table"])
     print(f"full-pool Dice {res['reference_dice']}")
-    u, s = cost["unet"], cost["sbc_unet"]
-    print(f"cost of the SFP/ASR heads ({cost['threads']} threads): params {u['params']} -> {s['params']}; "
-          f"train step {u['step_s_median']:.3f} s -> {s['step_s_median']:.3f} s (x{cost['step_time_ratio']:.2f}); "
-          f"scoring per case {u['score_feature']} {u['score_s_per_case_median']:.3f} s -> {s['score_feature']} "
-          f"{s['score_s_per_case_median']:.3f} s (x{cost['score_time_ratio']:.2f})")
+    u = cost["unet"]
+    for name in ("sbc_unet", "sbc_unet_half"):
+        s = cost[name]
+        print(f"cost of the SFP/ASR heads, {name} ({cost['threads']} threads): params {u['params']} -> "
+              f"{s['params']}; train step {u['step_s_median']:.3f} s -> {s['step_s_median']:.3f} s "
+              f"(x{s['step_time_ratio']:.2f}); scoring per case {u['score_feature']} "
+              f"{u['score_s_per_case_median']:.3f} s -> {s['score_feature']} {s['score_s_per_case_median']:.3f} s "
+              f"(x{s['score_time_ratio']:.2f})")
     out = args.out if args.quick else REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = "sbc_al_quick" if args.quick else "sbc_al"

@@ -77,6 +77,9 @@ class SBCConfig(StrictModel):
     head_channels: int | None = Field(default=None, gt=0)
     #: the segmentation the model predicts (evaluation, every feature but ``sbc_consistency``)
     output: Literal["refined", "coarse"] = "refined"
+    #: ``full``: heads on the decoder features upsampled to the input grid; ``half``: on the decoder's grid
+    #: (about 8x cheaper in 3D), outputs upsampled
+    head_resolution: Literal["full", "half"] = "full"
 
     @model_validator(mode="after")
     def _some_weight(self) -> SBCConfig:

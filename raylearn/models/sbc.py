@@ -16,7 +16,9 @@ size once and feeds both heads:
   (the module learns a correction of the coarse segmentation).
 
 The paper (2D, no code) gives the blocks by name only; the layer widths, the upsampling point and the residual
-refinement are this implementation's reading. In 3D the heads run at full resolution on the upsampled features.
+refinement are this implementation's reading. In 3D the heads run at full resolution on the upsampled features
+(``model.sbc.head_resolution: full``, the default) or, about 8x cheaper, on the decoder's half-resolution grid with
+their outputs upsampled (``half``).
 
 Outputs: in training mode (or ``forward(x, heads=True)``) the tuple ``(coarse [B,K,...], sfp [B,K-1,...],
 refined [B,K,...])`` (MONAI's sliding-window inferer handles tuple outputs); in eval mode the logits selected by
@@ -79,9 +81,10 @@ class ASRModule(nn.Module):
         self.hidden = hidden
 
     def forward(self, feats: torch.Tensor, coarse_logits: torch.Tensor) -> torch.Tensor:
+        """The correction ``[B, K, ...]`` added to the coarse logits (on the grid of ``feats``)."""
         h = self.embed(torch.cat([feats, torch.softmax(coarse_logits, dim=1)], dim=1))
         attn = torch.softmax(self.attend(h), dim=1)
-        return coarse_logits + self.out(h * (self.hidden * attn))  # uniform attention (1/c): h itself
+        return self.out(h * (self.hidden * attn))  # uniform attention (1/c): h itself
 
 
 class SBCUNet(nn.Module):
@@ -94,10 +97,13 @@ class SBCUNet(nn.Module):
         head_channels: width of the DisBlocks and of the ASR features (None = ``channels[0]``).
         norm: ``instance`` or ``batch``.
         output: what eval-mode ``forward`` returns: ``refined`` (ASR) or ``coarse`` (U-Net) logits.
+        head_resolution: ``full``: the heads run on the decoder features upsampled to the input grid; ``half``:
+            on the decoder's own grid (``1 / strides[0]`` per axis, about 8x cheaper in 3D), their outputs
+            (distance maps, ASR correction) upsampled trilinearly.
     """
 
     def __init__(self, unet: nn.Module, channels, num_classes: int, head_channels: int | None = None,
-                 norm: str = "instance", output: str = "refined") -> None:
+                 norm: str = "instance", output: str = "refined", head_resolution: str = "full") -> None:
         super().__init__()
         if output not in ("refined", "coarse"):
             raise ValueError(f"model.sbc.output must be 'refined' or 'coarse', got {output!r}")
@@ -106,7 +112,10 @@ class SBCUNet(nn.Module):
         hidden = int(head_channels or list(channels)[0])
         self.sfp = SFPHead(cin, num_classes, hidden, norm)
         self.asr = ASRModule(cin, num_classes, hidden, norm)
+        if head_resolution not in ("full", "half"):
+            raise ValueError(f"model.sbc.head_resolution must be 'full' or 'half', got {head_resolution!r}")
         self.output = output
+        self.head_resolution = head_resolution
         self._feats: torch.Tensor | None = None
         unet.model[2].register_forward_hook(self._capture)
 
@@ -123,11 +132,18 @@ class SBCUNet(nn.Module):
         feats, self._feats = self._feats, None
         if feats is None:
             raise RuntimeError("SBCUNet: the decoder hook did not fire (not a MONAI UNet layout?)")
-        up = F.interpolate(feats, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
-        refined = self.asr(up, coarse)
+        size = tuple(x.shape[2:])
+
+        def resize(t: torch.Tensor, to: tuple[int, ...]) -> torch.Tensor:
+            return t if tuple(t.shape[2:]) == to else F.interpolate(t, size=to, mode="trilinear", align_corners=False)
+
+        if self.head_resolution == "full":
+            feats = resize(feats, size)
+        grid = tuple(feats.shape[2:])
+        refined = coarse + resize(self.asr(feats, resize(coarse, grid)), size)
         if not heads:
             return refined
-        return coarse, self.sfp(up), refined
+        return coarse, resize(self.sfp(feats), size), refined
 
 
 def distance_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

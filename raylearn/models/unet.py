@@ -58,7 +58,7 @@ def build_network(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mo
         from raylearn.models.sbc import SBCUNet
 
         return SBCUNet(unet, cfg.channels, num_classes, head_channels=cfg.sbc.head_channels, norm=cfg.norm,
-                       output=cfg.sbc.output)
+                       output=cfg.sbc.output, head_resolution=cfg.sbc.head_resolution)
     n = len(cfg.channels)
     return DynUNet(
         spatial_dims=3,

@@ -61,7 +61,7 @@ def test_heads_read_the_unet_decoder_features():
     net = MonaiSegmenter(tiny_cfg(), 1, 3, device=CPU).network.train()
     x, _ = batch()
     seen = {}
-    net.sfp.register_forward_hook(lambda m, inp, out: seen.setdefault("sfp_in", inp[0]))
+    net.sfp.register_forward_hook(lambda m, inp, out: seen.update(sfp_in=inp[0]))  # returns None: output kept
     net(x)
     # the top decoder block's input: 2 * channels[0] = 8 channels, upsampled to the input size
     assert seen["sfp_in"].shape == (2, 8, 16, 16, 16)
@@ -151,3 +151,17 @@ def test_a_copy_hooks_its_own_decoder():
     with torch.no_grad():
         assert ema.module.eval()(x).shape == (2, 2, 16, 16, 16)
     assert net._feats is None and ema.module._feats is None  # consumed by the forward that captured them
+
+
+def test_half_resolution_heads():
+    """head_resolution: half runs both heads on the decoder's own grid and upsamples their outputs."""
+    net = MonaiSegmenter(tiny_cfg(sbc={"head_resolution": "half"}), 1, 3, device=CPU).network.train()
+    seen = {}
+    net.sfp.register_forward_hook(lambda m, inp, out: seen.update(sfp_in=inp[0]))  # returns None: output kept
+    x, _ = batch()
+    coarse, sfp, refined = net(x)
+    assert seen["sfp_in"].shape == (2, 8, 8, 8, 8)  # strides[0] = 2: half of 16 per axis
+    assert coarse.shape == refined.shape == (2, 3, 16, 16, 16) and sfp.shape == (2, 2, 16, 16, 16)
+    assert sfp.abs().max() <= 1.0
+    with pytest.raises(Exception, match="head_resolution"):
+        tiny_cfg(sbc={"head_resolution": "quarter"})
