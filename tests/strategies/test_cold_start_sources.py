@@ -43,3 +43,17 @@ def test_selection_on_extractor_features():
         sel = s.select(pool, 3)
         assert len(set(sel.tolist())) == 3
         np.testing.assert_array_equal(sel, s.select(pool, 3))
+
+
+def test_experiment_config_accepts_extractor_sources_and_names_bad_settings():
+    from raylearn.config import ConfigError, parse_config
+    from raylearn.experiment import ExperimentConfig
+
+    cfg = parse_config({"cold_start": {"strategy": "urds"}, "strategy": {"name": "urds",
+                                                                          "params": {"source": "extractor"}}},
+                       ExperimentConfig)
+    assert cfg.strategy.params["source"] == "extractor"
+    with pytest.raises(ConfigError, match=r"strategy: .*extractor\.checkpoint"):
+        parse_config({"strategy": {"name": "gscu", "params": {"source": "extractor"}}}, ExperimentConfig)
+    with pytest.raises(ConfigError, match=r"cold_start: .*extractor\.steps"):
+        parse_config({"cold_start": {"strategy": "urds", "params": {"extractor": {"steps": 0}}}}, ExperimentConfig)
