@@ -143,8 +143,9 @@ class GuardMiddleware:
                               {"WWW-Authenticate": "Bearer"})
             return
         ctype = headers.get("content-type", "").lower()
-        # uploads: multipart forms, and raw arrays (nnInteractive's protocol sends volumes as octet-stream)
-        multipart = ctype.startswith(("multipart/form-data", "application/octet-stream"))
+        # uploads: multipart forms, and raw arrays on nnInteractive's protocol (volumes sent as octet-stream)
+        multipart = ctype.startswith("multipart/form-data") or (
+            ctype.startswith("application/octet-stream") and path.startswith("/nninteractive/"))
         limit = g.max_upload_bytes if multipart else MAX_JSON_BYTES
         what = f"max_upload_mb = {limit / (1 << 20):g}" if multipart else "the 1 MiB of a non-upload body"
         declared = headers.get("content-length")

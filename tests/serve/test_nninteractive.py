@@ -195,3 +195,11 @@ def test_slicer_server_protocol_replayed(server):
     assert bad.status_code == 400 and "outside the volume" in bad.json()["detail"]
     r = c.post(f"{url}/upload_image", files={"file": ("volume.npy", b"not an array")})
     assert r.status_code == 400 and "not a .npy array" in r.json()["detail"]
+
+
+def test_octet_stream_bodies_count_as_uploads_only_on_the_nninteractive_protocol(server):
+    big, octet = bytes(2 << 20), {"Content-Type": "application/octet-stream"}  # 2 MiB: over 1 MiB, under the cap
+    r = server.client.post("/nninteractive/set_image", content=big, headers=octet)
+    assert r.status_code == 410  # past the guard: the route asks for a lease
+    r = server.client.post("/v1/sessions/x/clicks", content=big, headers=octet)
+    assert r.status_code == 413 and "1 MiB" in r.json()["detail"]
