@@ -46,3 +46,12 @@ def test_run_table_errors_name_the_problem(tmp_path):
         run_table(tmp_path, references=["expert"])
     with pytest.raises(ConfigError, match="--clicks"):
         run_table(tmp_path, clicks=[0])
+
+
+def test_cli_reports_one_error_line(tmp_path, capsys):
+    from raylearn.cli import main
+
+    assert main(["preannotate", str(tmp_path), "--clicks", "1,x"]) == 2
+    assert "raylearn preannotate: error: --clicks: expected comma-separated integers" in capsys.readouterr().err
+    assert main(["preannotate", str(tmp_path)]) == 2
+    assert "no ledger.jsonl" in capsys.readouterr().err
