@@ -191,6 +191,7 @@ def _plot(path: Path, summary: list[dict], n_clicks: int, n_cases: int) -> None:
     axes[0].set_ylabel("NSD overall (%), lower is better")
     axes[1].set_ylabel("Dice (mean over classes)")
     for ax in axes:
+        ax.set_xticks(sorted({s["round"] for s in summary}))
         ax.set_xlabel("round")
         ax.legend(fontsize=7)
     fig.suptitle(f"Promptable model per round ({n_clicks} clicks per class, {n_cases} test cases)", fontsize=9)
