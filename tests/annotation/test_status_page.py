@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -154,10 +153,9 @@ def test_page_in_headless_chromium_matches_status(page, tmp_path):
     assert dom.classes.get("main-svg", 0) >= 1 and dom.classes.get("scatterlayer") == 1
     assert dom.classes.get("trace", 0) >= 3 and dom.classes.get("point", 0) == 2
     assert "full pool 0.830" in dom.text["curve"]
-    rows = re.findall(r'<img class="thumb" data-case="([^"]+)"', html)
-    assert rows == [g["case_id"] for g in status["suggestions"]]
-    assert all(i.get("data-loaded") == "1" and i.get("src", "").startswith("blob:") for i in dom.imgs
-               if "thumb" in i.get("class", ""))
+    thumbs = [i for i in dom.imgs if "thumb" in i.get("class", "")]
+    assert [i["data-case"] for i in thumbs] == [g["case_id"] for g in status["suggestions"]]
+    assert all(i.get("data-loaded") == "1" and i.get("src", "").startswith("blob:") for i in thumbs)
     assert "entropy 0.910" in dom.text["suggestions"] and "bob" in dom.text["suggestions"]
     assert "alice" in dom.text["leases"] and page.pool[2] in dom.text["leases"]
     assert dom.text["history"].count("hippocampus_") == len(status["history"])
