@@ -24,13 +24,13 @@ PAGE = """<!doctype html>
  .badge{padding:2px 8px;border-radius:10px;font-size:12px;background:#6b7280}
  .badge.running{background:#15803d} .badge.finished{background:#1d4ed8} .badge.none{background:#b45309}
  main{padding:16px 20px;display:grid;grid-template-columns:minmax(420px,3fr) minmax(320px,2fr);gap:16px}
- section{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
+ section{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 2px rgba(0,0,0,.08);overflow-x:auto}
  section h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#4b5563}
  .cards{grid-column:1/-1;display:flex;gap:12px;flex-wrap:wrap}
  .card{background:#fff;border-radius:8px;padding:10px 16px;min-width:120px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
  .card .v{font-size:22px;font-weight:600} .card .k{font-size:12px;color:#6b7280}
  table{border-collapse:collapse;width:100%} td,th{padding:4px 6px;border-bottom:1px solid #eef0f3;text-align:left}
- th{font-size:12px;color:#6b7280;font-weight:600} img.thumb{width:96px;image-rendering:pixelated;border-radius:4px}
+ th{font-size:12px;color:#6b7280;font-weight:600} img.thumb{width:72px;image-rendering:pixelated;border-radius:4px}
  #message{grid-column:1/-1;padding:14px 16px;border-radius:8px;background:#fff7ed;border:1px solid #fdba74}
  #curve{height:360px} .muted{color:#6b7280} code{background:#eef0f3;padding:1px 4px;border-radius:3px}
 </style>
@@ -62,7 +62,7 @@ PAGE = """<!doctype html>
   <table><thead><tr><th>annotator</th><th>cases (expires in)</th></tr></thead>
   <tbody id="leases"></tbody></table></section>
  <section id="history-box" hidden><h2>Label history</h2>
-  <table><thead><tr><th>time</th><th>case</th><th>v</th><th>tag</th><th>by</th><th>source</th><th>fg voxels</th></tr>
+  <table><thead><tr><th>time</th><th>case</th><th>v</th><th>tag</th><th>by</th><th>source</th><th>fg vox</th></tr>
   </thead><tbody id="history"></tbody></table></section>
 </main>
 <script>
@@ -129,7 +129,8 @@ function render(s) {
   $('leases').innerHTML = Object.entries(s.leases_by_user).map(([u, cs]) => '<tr><td>' + esc(u) + '</td><td>' +
     cs.map(c => esc(c.case_id) + ' (' + fmt(c.expires_in_s / 60, 0) + ' min)').join(', ') + '</td></tr>').join('')
     || '<tr><td colspan="2" class="muted">nobody holds a case</td></tr>';
-  $('history').innerHTML = s.history.map(h => '<tr><td>' + new Date(h.time * 1000).toLocaleString() + '</td><td>' +
+  $('history').innerHTML = s.history.map(h => '<tr><td title="' + new Date(h.time * 1000).toLocaleString() + '">' +
+    new Date(h.time * 1000).toLocaleTimeString() + '</td><td>' +
     esc(h.case_id) + '</td><td>' + h.version + '</td><td>' + esc(h.tag) + '</td><td>' + esc(h.annotator) +
     '</td><td>' + esc(h.source) + '</td><td>' + h.foreground_voxels + '</td></tr>').join('')
     || '<tr><td colspan="7" class="muted">no labels yet</td></tr>';
