@@ -327,7 +327,17 @@ class RunTracker:
         _write_state(self.out / STATE_FILE, self._state)
 
     def log_rounds(self, rounds: Iterable[Mapping[str, Any]]) -> None:
-        """Log every round of ``rounds`` after the last one logged, then the current learning curve and CSV."""
+        """Log every round of ``rounds`` after the last one logged, then the current learning curve and CSV.
+
+        A tracking server that fails mid-run does not stop the run: a warning, and the next call logs the rounds
+        missed (the ledger stays the record)."""
+        try:
+            self._log_rounds(rounds)
+        except Exception as err:  # noqa: BLE001 - MLflow / filesystem errors of the tracking store
+            log.warning("tracking: could not log to %s (%s); retrying after the next round",
+                        self.mlflow.uri if self.mlflow else "TensorBoard", (str(err) or repr(err)).splitlines()[0])
+
+    def _log_rounds(self, rounds: Iterable[Mapping[str, Any]]) -> None:
         new = [r for r in rounds if int(r["round"]) > self.logged_round]
         if not new:
             return
@@ -348,7 +358,8 @@ class RunTracker:
 
     def finish(self, summary: Mapping[str, Any] | None = None, status: str = "FINISHED") -> None:
         """End the run: summary metrics (ALC, full-pool Dice) and files, then the run's status
-        (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+        (``FINISHED``, ``FAILED`` or ``KILLED``). On ``FAILED`` / ``KILLED`` (the run is raising already) a tracking
+        error is only logged."""
         try:
             if self.mlflow is not None:
                 if summary is not None:
@@ -359,6 +370,10 @@ class RunTracker:
                     for name in ("learning_curve.png", "rounds.csv", "summary.json"):
                         self.mlflow.artifact(self.out / name)
                 self.mlflow.end(status)
+        except Exception as err:  # noqa: BLE001
+            if status == "FINISHED":
+                raise
+            log.warning("tracking: could not mark the MLflow run %s: %s", status, err)
         finally:
             if self.writer is not None:
                 self.writer.close()

@@ -215,3 +215,25 @@ def test_tracking_is_left_out_of_the_config_hash(tmp_path):
     a, b = _cfg(tmp_path), _cfg(tmp_path, mlflow=False, uri="http://elsewhere:5000")
     assert _config_json(a) == _config_json(b) and "tracking" not in _config_json(a)
     assert isinstance(a.tracking, TrackingConfig) and a.tracking.mlflow == "auto"
+
+
+def test_a_failing_store_mid_run_warns_and_catches_up(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    t = RunTracker.start(_cfg(out), out, {"seed": 3}, "h")
+    t.log_rounds([_round(0)])
+
+    def down(*a, **k):
+        raise OSError("tracking server unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(t.mlflow.client, "log_batch", down)
+        t.log_rounds([_round(0), _round(1)])  # the run goes on
+    assert "could not log" in caplog.text and t.logged_round == 0
+    t.log_rounds([_round(0), _round(1), _round(2)])  # the round missed is logged with the next
+    assert [h.step for h in _client(out).get_metric_history(t.run_id, "dice_mean")] == [0, 1, 2]
+    with monkeypatch.context() as m:
+        m.setattr(t.mlflow.client, "set_terminated", down)
+        t.finish(status="FAILED")  # the run is failing already: only a warning
+        with pytest.raises(OSError):
+            t.finish({"rounds": 3})
