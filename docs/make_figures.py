@@ -8,7 +8,12 @@
    each holds one case; then headless Chromium loads ``/`` and saves ``docs/status_page.png``; the rest is
    labelled so the run finishes.
 
-    python docs/make_figures.py --out /tmp/figures      # about 10 min on 2 idle cores
+    python docs/make_figures.py --out /tmp/figures      # the compare, then the live run
+    python docs/make_figures.py --out /tmp/f --only mlflow --mlflow-from <a compare's folder>
+
+Status: ``--only mlflow`` made the README's MLflow figure; the live-run part (2.) has not run to completion yet (on
+the shared 2-core machine at load 25-35 Ray's raylet timed out at start-up), so the README shows the browser test's
+screenshot instead.
 """
 
 from __future__ import annotations
