@@ -55,6 +55,20 @@ def test_sweep_runs_reports_per_round_and_writes_best_yaml(ray_session, tmp_path
     best = load_experiment(out / "best_experiment.yaml")  # a runnable experiment
     assert best.strategy.name == rows[0]["strategy.name"]
     assert best.data.store and Path(best.data.store).is_dir()
+    # Ray Tune's own MLflowLoggerCallback (tracking.mlflow: auto): one MLflow run per trial, a metric per round;
+    # the trials' own run trackers are off (no store in a trial's run folder)
+    pytest.importorskip("mlflow")
+    from raylearn.tracking import resolve_uri, tracking_client
+
+    client = tracking_client(resolve_uri(None, out))
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 2 and {r.data.params["strategy.name"] for r in runs} == {"random", "entropy"}
+    for run in runs:
+        alc = client.get_metric_history(run.info.run_id, "alc")
+        assert len(alc) == 2 and run.data.tags["raylearn.sweep"] == "t"
+        row = next(r for r in rows if r["strategy.name"] == run.data.params["strategy.name"])
+        assert alc[-1].value == pytest.approx(row["alc"])
+    assert not any((Path(r["run_dir"]) / "mlruns").exists() for r in rows)
 
 
 def test_resume_without_a_sweep_is_a_clear_error(tmp_path):
