@@ -91,4 +91,4 @@ def test_model_grid_case_resamples_image_and_label_together():
     arr, grid_lab = model_grid_case(img, lab, (1.0, 0.5, 3.0), 1.5)
     assert arr.shape == grid_lab.shape == (13, 10, 20)  # 20 mm, 15 mm, 30 mm at 1.5 mm
     assert set(np.unique(grid_lab)) == {0, 2}
-    assert arr[grid_lab == 2].mean() > 0.7 and abs(int((grid_lab == 2).sum()) * 1.5**3 - 600) < 200  # ~600 mm^3
+    assert arr[grid_lab == 2].mean() > 0.7 and abs(int((grid_lab == 2).sum()) * 1.5**3 - 900) < 200  # 10 x 5 x 18 mm
