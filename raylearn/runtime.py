@@ -33,21 +33,52 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return
+    start_local_ray(num_cpus or min(os.cpu_count() or 2, 8))
+
+
+def start_local_ray(num_cpus: int, runtime_env: dict | None = None) -> None:
+    """Start a local Ray instance (never attaching to another), once more if its start-up timed out."""
+    import ray
+
     for attempt in (1, 2):
+        before = _child_pids()
         try:
             ray.init(
                 address="local",
-                num_cpus=num_cpus or min(os.cpu_count() or 2, 8),
+                num_cpus=num_cpus,
                 include_dashboard=False,
                 object_store_memory=1024**3,
                 log_to_driver=False,
+                runtime_env=runtime_env,
             )
             return
         except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a loaded machine
             ray.shutdown()
+            # a start-up that failed half way leaves its GCS server and raylet running (ray.shutdown does not know
+            # them): stop what this attempt started, or the retry competes with it for the CPUs and ports
+            _kill_children_except(before)
             if attempt == 2 or "timed out during startup" not in str(err):
                 raise
             log.warning("the local Ray instance timed out during start-up (machine loaded?); trying once more")
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _kill_children_except(keep: set[int]) -> None:
+    """Kill this process's descendants not in ``keep`` (what a failed ``ray.init`` started)."""
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def round_seed(seed: int, round_index: int) -> int:

@@ -25,22 +25,10 @@ def ray_session():
     """One local Ray instance shared by every Ray test (2 CPUs, 1 GB object store)."""
     import ray
 
-    for attempt in (1, 2):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(
-                address="local",  # never attach to another cluster a `ray start` left on this machine
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=1024**3,
-                log_to_driver=False,
-                runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
-            )
-        except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a loaded machine
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(err):
-                raise
+    from raylearn.runtime import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(2, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
 
