@@ -25,6 +25,8 @@ import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from raylearn.serve.api import ERRORS
+
 __all__ = ["PLOTLY_JS", "add_status_routes", "status_details", "thumbnail_png"]
 
 #: overlay colours of classes 1, 2, ... (RGB); the page's curve uses the same order
@@ -200,7 +202,7 @@ def add_status_routes(app, svc, annotation, who) -> None:
         return cache[key], version
 
     @app.get("/v1/annotation/thumbnail/{case_id}", tags=["annotation"],
-             responses={200: {"content": {"image/png": {}}}})
+             responses={**ERRORS, 403: ERRORS[401], 200: {"content": {"image/png": {}}}})
     async def thumbnail(case_id: str, request: Request) -> Response:
         """The case's middle axial slice (preprocessed grid) with the current model's prediction overlaid (PNG)."""
         who(request, "annotator")

@@ -50,6 +50,15 @@ class ToySegmenter(Segmenter):
         finally:
             self._busy = False
 
+    def predict_heads(self, image):
+        """SBC-AL's three outputs: coarse = the probabilities, SFP = a map in [-1, 1] per foreground class,
+        refined = a sharper softmax (so the two masks differ somewhat)."""
+        self._count("predict_heads")
+        coarse = self._probs(image)
+        sfp = np.tanh(1.0 - 2.0 * coarse[1:]).astype(np.float32)
+        sharp = ToySegmenter(self.sharpness * 3.0)._probs(image)
+        return coarse, sfp, sharp
+
     def embed(self, image, weights=None):
         self._count("embed")
         x = image[0]
@@ -81,6 +90,9 @@ def test_single_feature_exact_key_and_calls(name):
         assert arr.shape == (3,) and arr.dtype == np.float16
     elif name == "class_entropy":  # [K]: H, then H * p_c per foreground class
         assert arr.shape == (3,) and arr.dtype == np.float32
+    elif name == "sbc_consistency":  # [Q_cos, Q_dice, Hausdorff]
+        assert arr.shape == (3,) and arr.dtype == np.float32 and np.isfinite(arr).all()
+        assert 0 <= arr[0] <= 2 and 0 <= arr[1] <= 1 and arr[2] >= 0
     else:
         assert arr.shape == (2,) and arr.dtype == np.float32
 
@@ -90,7 +102,7 @@ def test_all_features_share_model_calls():
     out = compute_features(seg, make_image(), list(FEATURES) + ["entropy"])
     assert set(out) == set(FEATURES)
     # probabilities come from the identity entry of the TTA stack: no separate predict_proba
-    assert dict(seg.calls) == {"predict_tta": 1, "predict_mc": 1, "embed": 2}
+    assert dict(seg.calls) == {"predict_tta": 1, "predict_mc": 1, "predict_heads": 1, "embed": 2}
     assert dict(seg.calls) == model_calls_for(FEATURES)
 
 
@@ -187,8 +199,11 @@ def test_every_feature_with_a_tiny_monai_segmenter():
     seg = MonaiSegmenter(cfg, in_channels=1, num_classes=3, seed=0, device="cpu")
     img = make_image(0, (16, 16, 16))
     params = FeatureParams(mc_samples=3, tta_flips=[(), (3,)])
-    out = compute_features(seg, img, list(FEATURES), params)
-    assert set(out) == set(FEATURES)
+    plain = [f for f in FEATURES if f != "sbc_consistency"]  # SBC-AL's heads: tests/models/test_sbc.py
+    with pytest.raises(NotImplementedError, match=r"sbc_consistency.*model.arch: sbc_unet"):
+        compute_features(seg, img, ["sbc_consistency"], params)
+    out = compute_features(seg, img, plain, params)
+    assert set(out) == set(plain)
     assert out["embedding"].shape == (8,) and out["embedding"].dtype == np.float16
     assert out["weighted_embedding"].shape == (8,)
     assert out["fg_volume"].shape == (2,) and out["fg_volume"].sum() <= 16**3
