@@ -11,9 +11,8 @@
     python docs/make_figures.py --out /tmp/figures      # the compare, then the live run
     python docs/make_figures.py --out /tmp/f --only mlflow --mlflow-from <a compare's folder>
 
-Status: ``--only mlflow`` made the README's MLflow figure; the live-run part (2.) has not run to completion yet (on
-the shared 2-core machine at load 25-35 Ray's raylet timed out at start-up), so the README shows the browser test's
-screenshot instead.
+Status: ``--only mlflow`` made the README's MLflow figure and ``--only page`` its status-page screenshot (a quiet
+machine, about 2 min); on the shared machine at load 25-35 the live run's Ray start-up had timed out.
 """
 
 from __future__ import annotations
