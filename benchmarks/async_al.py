@@ -70,25 +70,11 @@ QUICK = {
 def _serve(run_dir: Path, tokens: dict[str, str], port: int, name: str):
     from ray import serve
 
-    from raylearn.models import sam_med3d as sm
     from raylearn.serve.app import build_app
-    from raylearn.serve.config import (
-        AnnotationConfig,
-        DeploymentOptions,
-        IngressConfig,
-        ModelDeploymentConfig,
-        ServeConfig,
-        UserConfig,
-    )
+    from raylearn.serve.config import UserConfig, annotation_serve_config
 
-    cfg = ServeConfig(
-        name=name,
-        ingress=IngressConfig(auth_token_env="RAYLEARN_BENCH_UNSET", annotation=AnnotationConfig(
-            run_dir=str(run_dir), users=[UserConfig(name=u, token=t) for u, t in tokens.items()])),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-    )
+    cfg = annotation_serve_config(run_dir, [UserConfig(name=u, token=t) for u, t in tokens.items()], name=name,
+                                  auth_token_env="RAYLEARN_BENCH_UNSET")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=name, route_prefix="/")
     return f"http://127.0.0.1:{port}"

@@ -118,17 +118,9 @@ def live_run_and_screenshot(out: Path, shot: Path, cmp: Path | None = None) -> N
     from raylearn.data.store import PoolStore
     from raylearn.experiment import ExperimentConfig, parse_config
     from raylearn.loop import run_experiment
-    from raylearn.models import sam_med3d as sm
     from raylearn.runtime import ensure_ray
     from raylearn.serve.app import build_app
-    from raylearn.serve.config import (
-        AnnotationConfig,
-        DeploymentOptions,
-        IngressConfig,
-        ModelDeploymentConfig,
-        ServeConfig,
-        UserConfig,
-    )
+    from raylearn.serve.config import UserConfig, annotation_serve_config
 
     # beside the comparison's runs (same data, model and budget), the page finds its full-pool reference
     out = cmp / "live" / "seed_0" if cmp is not None else out / "live"
@@ -144,12 +136,8 @@ def live_run_and_screenshot(out: Path, shot: Path, cmp: Path | None = None) -> N
         time.sleep(1)
     store = PoolStore.open(store_dir)
     classes = {int(k): v for k, v in store.labels.items() if int(k)}
-    sc = ServeConfig(name="figures", ingress=IngressConfig(
-        classes=classes, auth_token_env="RAYLEARN_FIGURES_UNSET",
-        annotation=AnnotationConfig(run_dir=str(out), users=[UserConfig(name=u, token=t) for u, t in TOKENS.items()])),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}))
+    sc = annotation_serve_config(out, [UserConfig(name=u, token=t) for u, t in TOKENS.items()], name="figures",
+                                 classes=classes, auth_token_env="RAYLEARN_FIGURES_UNSET")
     import socket
 
     with socket.socket() as sock:  # a free port

@@ -219,3 +219,36 @@ def load_serve_config(path: str | Path) -> ServeConfig:
             msg = msg.replace(f": {kind}.", f": deployments[{name}].user_config.")
             msg = msg.replace(f": {kind}_options.", f": deployments[{name}].")
         raise ConfigError(msg) from None
+
+
+def annotation_serve_config(run_dir: str | Path, users: list[UserConfig], *, name: str = "raylearn",
+                            classes: dict[int, str] | None = None, auth_token_env: str = DEFAULT_TOKEN_ENV,
+                            model: SamMed3DConfig | None = None, num_cpus: float = 0,
+                            ingress_env_vars: dict[str, str] | None = None, **annotation: Any) -> ServeConfig:
+    """A :class:`ServeConfig` of the annotation app over one run's workspace, built in code.
+
+    Args:
+        run_dir: the experiment's ``output_dir`` (:attr:`AnnotationConfig.run_dir`).
+        users: the annotation users (names, roles, tokens).
+        name: the Serve application's name.
+        classes: label value -> class name (default: :class:`IngressConfig`'s).
+        auth_token_env: env var of the service token (name an unset one for user tokens only).
+        model: SAM-Med3D settings (default: the ``small`` preset on the CPU).
+        num_cpus: CPUs each deployment's replica reserves (``ray_actor_options.num_cpus``).
+        ingress_env_vars: environment of the ingress replica (``runtime_env.env_vars``; e.g. users' ``token_env``).
+        **annotation: further :class:`AnnotationConfig` fields (``lease_s``, ``require_lease``, ...).
+    """
+    ingress = {"auth_token_env": auth_token_env,
+               "annotation": AnnotationConfig(run_dir=str(run_dir), users=users, **annotation)}
+    if classes is not None:
+        ingress["classes"] = classes
+    ingress_actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if ingress_env_vars:
+        ingress_actor["runtime_env"] = {"env_vars": dict(ingress_env_vars)}
+    return ServeConfig(
+        name=name,
+        ingress=IngressConfig(**ingress),
+        model=ModelDeploymentConfig(model=model or SamMed3DConfig(preset="small", device="cpu")),
+        ingress_options=DeploymentOptions(ray_actor_options=ingress_actor),
+        model_options=DeploymentOptions(ray_actor_options={"num_cpus": num_cpus}),
+    )

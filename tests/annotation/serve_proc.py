@@ -17,28 +17,14 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from raylearn.models import sam_med3d as sm
     from raylearn.serve.app import build_app
-    from raylearn.serve.config import (
-        AnnotationConfig,
-        DeploymentOptions,
-        IngressConfig,
-        ModelDeploymentConfig,
-        ServeConfig,
-        UserConfig,
-    )
+    from raylearn.serve.config import UserConfig, annotation_serve_config
 
     run_dir, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=200 * 1024**2,
              log_to_driver=False)
-    cfg = ServeConfig(
-        name="kill-test",
-        ingress=IngressConfig(auth_token_env="RAYLEARN_TEST_UNSET_TOKEN", annotation=AnnotationConfig(
-            run_dir=run_dir, users=[UserConfig(name="root", role="admin", token=token)])),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-    )
+    cfg = annotation_serve_config(run_dir, [UserConfig(name="root", role="admin", token=token)], name="kill-test",
+                                  auth_token_env="RAYLEARN_TEST_UNSET_TOKEN")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
     print("READY", flush=True)

@@ -21,18 +21,10 @@ import SimpleITK as sitk
 from raylearn.annotation.labels import LabelStore
 from raylearn.annotation.schedule import attach_run
 from raylearn.experiment import ExperimentConfig
-from raylearn.models import sam_med3d as sm
 from raylearn.models.config import ModelConfig
 from raylearn.models.unet import MonaiSegmenter
 from raylearn.serve.app import build_app
-from raylearn.serve.config import (
-    AnnotationConfig,
-    DeploymentOptions,
-    IngressConfig,
-    ModelDeploymentConfig,
-    ServeConfig,
-    UserConfig,
-)
+from raylearn.serve.config import ServeConfig, UserConfig, annotation_serve_config
 from tests.conftest import pick_free_ports
 
 TOKENS = {"alice": "alice-token-0001", "bob": "bob-token-00002", "root": "admin-token-0003",
@@ -57,16 +49,10 @@ def serve_config(run_dir: Path, **annotation) -> ServeConfig:
     users = [UserConfig(name="alice", token=TOKENS["alice"]), UserConfig(name="bob", token=TOKENS["bob"]),
              UserConfig(name="root", role="admin", token=TOKENS["root"]),
              UserConfig(name="carol", token_env="RAYLEARN_TEST_CAROL_TOKEN")]
-    return ServeConfig(
-        name="raylearn-annotation-test",
-        ingress=IngressConfig(classes={1: "Anterior", 2: "Posterior"}, auth_token_env="RAYLEARN_TEST_UNSET_TOKEN",
-                              annotation=AnnotationConfig(run_dir=str(run_dir), users=users, **annotation)),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu")),
-        # carol's token reaches the replica through its environment (token_env)
-        ingress_options=DeploymentOptions(ray_actor_options={
-            "num_cpus": 0, "runtime_env": {"env_vars": {"RAYLEARN_TEST_CAROL_TOKEN": TOKENS["carol"]}}}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-    )
+    # carol's token reaches the replica through its environment (token_env)
+    return annotation_serve_config(run_dir, users, name="raylearn-annotation-test",
+                                   classes={1: "Anterior", 2: "Posterior"}, auth_token_env="RAYLEARN_TEST_UNSET_TOKEN",
+                                   ingress_env_vars={"RAYLEARN_TEST_CAROL_TOKEN": TOKENS["carol"]}, **annotation)
 
 
 @pytest.fixture(scope="module")
