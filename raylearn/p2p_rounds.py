@@ -17,7 +17,6 @@ bytes. Writes ``p2p_rounds.csv`` (per round and method), ``p2p_rounds_cases.csv`
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import tempfile
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from raylearn.tables import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,8 @@ def write_rounds(out: Path, rows: list[dict], summary: list[dict], goals: dict, 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "p2p_rounds.csv", "cases": out / "p2p_rounds_cases.csv", "md": out / "p2p_rounds.md",
              "png": out / "p2p_rounds.png", "json": out / "p2p_rounds.json"}
-    for path, data in ((paths["csv"], summary), (paths["cases"], rows)):
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(data[0]))
-            w.writeheader()
-            w.writerows(data)
+    write_csv(paths["csv"], summary)
+    write_csv(paths["cases"], rows)
     head = ["round", "labelled", "method", "NSD overall (%)"] + [f"NSD {v} (%)" for v in classes.values()] + \
         ["Dice mean"]
     lines = [f"Promptable model per round: {n_cases} test cases, {n_clicks} simulated clicks per class "

@@ -11,7 +11,6 @@ authors' public script); each mask is scored against the ground truth with the p
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import platform
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from raylearn.config import ConfigError
+from raylearn.tables import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,8 @@ def write_table(out: Path, rows: list[dict], info: dict) -> dict[str, Path]:
     summary = summarise(rows)
     paths = {"cases": out / "preannotate_cases.csv", "csv": out / "preannotate.csv", "md": out / "preannotate.md",
              "png": out / "preannotate.png", "json": out / "preannotate.json"}
-    for path, data in ((paths["cases"], rows), (paths["csv"], summary)):
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(data[0]))
-            w.writeheader()
-            w.writerows(data)
+    write_csv(paths["cases"], rows)
+    write_csv(paths["csv"], summary)
     classes = info["classes"]
     cols = [f"nsd_{k}" for k in classes] + ["nsd_overall"]
     head = ["method", "n"] + [f"NSD {v} (%)" for v in classes.values()] + ["NSD Average (%)"] + \
