@@ -1,5 +1,5 @@
 """Experiment tracking where users already look: MLflow (and TensorBoard when asked) for ``raylearn run`` /
-``compare``; Ray Tune's own callbacks for ``raylearn tune``.
+``compare``; Ray Tune's own callbacks for ``raylearn tune`` live in :mod:`raylearn.tracking_tune`.
 
 One MLflow run per experiment run: its config (flattened parameters and ``config.yaml``), each round's metrics at
 ``step = round`` (every test metric the round recorded: Dice, HD95, surface Dice and P2P's NSD per class and their
@@ -34,8 +34,9 @@ from pydantic import Field, field_validator
 
 from raylearn.config import ConfigError, StrictModel
 
-__all__ = ["CompareTracker", "RunTracker", "TrackingConfig", "TuneTrackingConfig", "resolve_uri",
-           "round_metrics", "tracking_client", "tune_callbacks"]
+__all__ = ["CompareTracker", "RunTracker", "TrackingConfig", "resolve_uri", "round_metrics", "tracking_client"]
+#: :mod:`raylearn.tracking_tune`'s names, still importable from here (see ``__getattr__`` at the end)
+_TUNE_NAMES = ("TuneTrackingConfig", "tune_callbacks")
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +74,6 @@ class TrackingConfig(StrictModel):
         if v is not None and not v.strip():
             raise ValueError("empty; leave it out for the default <output_dir>/mlruns")
         return v
-
-
-class TuneTrackingConfig(StrictModel):
-    """The ``tracking:`` section of a sweep YAML: Ray Tune's ``MLflowLoggerCallback`` / ``TBXLoggerCallback``.
-
-    Attributes:
-        mlflow: as :class:`TrackingConfig` (one MLflow run per trial, its reports as metrics at each round).
-        uri: None = ``<output_dir>/mlruns``.
-        experiment: None = the sweep's ``name``.
-        tags: extra tags of every trial's run.
-        tensorboard: add Ray Tune's ``TBXLoggerCallback`` (event files in each trial's folder under
-            ``<output_dir>/ray_tune``); an error when ``tensorboardX`` is missing.
-    """
-
-    mlflow: Literal["auto"] | bool = "auto"
-    uri: str | None = None
-    experiment: str | None = Field(None, min_length=1)
-    tags: dict[str, str] = {}
-    tensorboard: bool = False
 
 
 # -- MLflow plumbing --------------------------------------------------------------------------------------------
@@ -433,21 +415,11 @@ class CompareTracker:
         self.run.end(status)
 
 
-# -- Ray Tune ---------------------------------------------------------------------------------------------------
-def tune_callbacks(tc: TuneTrackingConfig, out: str | Path, sweep_name: str) -> list:
-    """Ray Tune's own logger callbacks for a sweep: ``MLflowLoggerCallback`` (one MLflow run per trial in
-    ``tc.uri``, default ``<out>/mlruns``) and, when asked, ``TBXLoggerCallback``."""
-    callbacks = []
-    if mlflow_wanted(tc.mlflow):
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
+def __getattr__(name: str):
+    """The Ray Tune part moved to :mod:`raylearn.tracking_tune`; ``from raylearn.tracking import tune_callbacks``
+    (and ``TuneTrackingConfig``) still work (imported lazily: that module imports this one)."""
+    if name in _TUNE_NAMES:
+        from raylearn import tracking_tune
 
-        uri = resolve_uri(tc.uri, out)
-        tracking_client(uri)  # fail now, naming the key, rather than inside Tune
-        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=tc.experiment or sweep_name,
-                                              tags={"raylearn.sweep": sweep_name, **tc.tags}, save_artifact=True))
-    if tc.tensorboard:
-        _import("tensorboardX", "tracking.tensorboard")
-        from ray.tune.logger import TBXLoggerCallback
-
-        callbacks.append(TBXLoggerCallback())
-    return callbacks
+        return getattr(tracking_tune, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from raylearn.config import ConfigError, StrictModel, load_config, load_yaml, parse_config
 from raylearn.experiment import ExperimentConfig, apply_overrides
-from raylearn.tracking import TuneTrackingConfig
+from raylearn.tracking_tune import TuneTrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raylearn.runtime import ensure_ray, ensure_store
-    from raylearn.tracking import tune_callbacks
+    from raylearn.tracking_tune import tune_callbacks
 
     base_path = (Path(source).parent / sweep.experiment).resolve()
     base = load_yaml(base_path) or {}

@@ -22,13 +22,12 @@ from raylearn.tracking import (
     CompareTracker,
     RunTracker,
     TrackingConfig,
-    TuneTrackingConfig,
     flatten,
     resolve_uri,
     round_metrics,
     tracking_client,
-    tune_callbacks,
 )
+from raylearn.tracking_tune import TuneTrackingConfig, tune_callbacks
 
 pytest.importorskip("mlflow", reason="the tracking extra: pip install 'raylearn[tracking]'")
 
@@ -207,6 +206,11 @@ def test_tune_uses_ray_tunes_own_callbacks(tmp_path):
     assert cbs[0].tracking_uri == (tmp_path / "mlruns").resolve().as_uri() and cbs[0].experiment_name == "sw"
     assert cbs[0].tags == {"raylearn.sweep": "sw", "team": "lab"}
     assert tune_callbacks(TuneTrackingConfig(mlflow=False), tmp_path, "sw") == []
+    # the names' old home still answers
+    from raylearn.tracking import TuneTrackingConfig as OldConfig
+    from raylearn.tracking import tune_callbacks as old_callbacks
+
+    assert (OldConfig, old_callbacks) == (TuneTrackingConfig, tune_callbacks)
 
 
 def test_tracking_is_left_out_of_the_config_hash(tmp_path):
