@@ -3,7 +3,7 @@
 Importing this package registers every strategy module in :data:`STRATEGIES`.
 """
 
-from raylearn.strategies import clasp, csal3d, diversity, hybrid, random, sbc, sugfw, uncertainty  # noqa: F401  (registers)
+from raylearn.strategies import clasp, csal3d, diversity, hybrid, random, sbc, star, sugfw, uncertainty  # noqa: F401  (registers)
 from raylearn.strategies.base import (
     STRATEGIES,
     PoolView,
