@@ -1,10 +1,12 @@
-"""Crafted (hostile) volume files for the serve tests, written byte by byte: the ``craft`` fixture."""
+"""Fixtures of the serve tests: crafted (hostile) volume files written byte by byte (``craft``), and a SAM-Med3D
+Serve app over real HTTP on 127.0.0.1 (``serve_app``)."""
 
 from __future__ import annotations
 
 import math
 import struct
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -64,7 +66,39 @@ def phantom_nifti(shape=(20, 28, 24)) -> bytes:
 @pytest.fixture(scope="session")
 def craft():
     """The file makers of this module: ``craft.nifti1(...)``, ``craft.gzip_bomb()``, ``craft.metaimage(...)``..."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(nifti1=nifti1, gzip_bomb=gzip_bomb, metaimage=metaimage, nrrd=nrrd,
                            phantom_nifti=phantom_nifti)
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_session):
+    """Start this test module's Serve app: ``serve_app(name, ingress, sam)`` runs the app of ``IngressConfig``
+    ``ingress`` and ``SamMed3DConfig`` ``sam`` (both deployments on 0 CPUs) on a free 127.0.0.1 port and returns
+    ``SimpleNamespace(cfg, base, client)`` (an ``httpx.Client`` on ``base``). Torn down after the module."""
+    import httpx
+    from ray import serve
+
+    from raylearn.serve.app import build_app
+    from raylearn.serve.config import DeploymentOptions, ModelDeploymentConfig, ServeConfig
+    from tests.conftest import pick_free_ports
+
+    started = []
+
+    def start(name: str, ingress, sam) -> SimpleNamespace:
+        cfg = ServeConfig(name=name, ingress=ingress, model=ModelDeploymentConfig(model=sam),
+                          ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
+                          model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}))
+        port = pick_free_ports(1)[0]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        app = SimpleNamespace(cfg=cfg, base=base, client=httpx.Client(base_url=base, timeout=60))
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        app.client.close()
+        serve.delete(app.cfg.name)
+    if started:
+        serve.shutdown()

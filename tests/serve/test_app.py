@@ -1,11 +1,9 @@
 """The SAM-Med3D Serve app over real HTTP (Ray Serve on 127.0.0.1, httpx), small model variant, tiny volumes."""
 
 import json
-import socket
 import time
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -16,7 +14,7 @@ from raylearn.models import sam_med3d as sm
 from raylearn.models.config import ModelConfig
 from raylearn.models.unet import MonaiSegmenter
 from raylearn.serve.app import build_app
-from raylearn.serve.config import DeploymentOptions, IngressConfig, ModelDeploymentConfig, ServeConfig
+from raylearn.serve.config import IngressConfig
 from raylearn.serve.volumes import decode_mask
 
 CLASSES = {1: "big", 2: "small"}
@@ -64,14 +62,8 @@ def _tiny_segmenter(img, lbl, path):
     return seg.save(path)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
+def server(serve_app, tmp_path_factory):
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -79,25 +71,13 @@ def server(ray_session, tmp_path_factory):
     sam_cfg = sm.SamMed3DConfig(preset="small", device="cpu", init_seed=3)
     sam_path = sm.save_checkpoint(sm.build_sam_med3d(sam_cfg), tmp / "sam_small.pth", sam_cfg)
     seg_path = _tiny_segmenter(img, lbl, tmp / "segmenter.pt")
-    cfg = ServeConfig(
-        name="raylearn-test",
-        ingress=IngressConfig(classes=CLASSES, segmenter_checkpoint=str(seg_path), max_upload_mb=0.5,
-                              auth_token_env="RAYLEARN_TEST_UNSET_TOKEN"),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu", checkpoint=str(sam_path))),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-    )
-    port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    ns = SimpleNamespace(client=client, cfg=cfg, img=img, lbl=lbl, sam_path=sam_path, seg_path=seg_path,
-                         nii=_bytes(img, tmp / "img.nii.gz"), mha=_bytes(img, tmp / "img.mha"),
-                         gt=_bytes(lbl, tmp / "gt.nii.gz"), tmp=tmp, serve=serve)
-    yield ns
-    client.close()
-    serve.delete(cfg.name)
-    serve.shutdown()
+    app = serve_app("raylearn-test",
+                    IngressConfig(classes=CLASSES, segmenter_checkpoint=str(seg_path), max_upload_mb=0.5,
+                                  auth_token_env="RAYLEARN_TEST_UNSET_TOKEN"),
+                    sm.SamMed3DConfig(preset="small", device="cpu", checkpoint=str(sam_path)))
+    return SimpleNamespace(client=app.client, cfg=app.cfg, img=img, lbl=lbl, sam_path=sam_path, seg_path=seg_path,
+                           nii=_bytes(img, tmp / "img.nii.gz"), mha=_bytes(img, tmp / "img.mha"),
+                           gt=_bytes(lbl, tmp / "gt.nii.gz"), tmp=tmp, serve=serve)
 
 
 def _mask(resp) -> np.ndarray:

@@ -10,7 +10,6 @@ checked against ``/v1/segment`` with the same click on the same volume: the same
 import gzip
 import io
 import json
-import socket
 from types import SimpleNamespace
 
 import httpx
@@ -19,8 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from raylearn.models import sam_med3d as sm
-from raylearn.serve.app import build_app
-from raylearn.serve.config import DeploymentOptions, IngressConfig, ModelDeploymentConfig, ServeConfig
+from raylearn.serve.config import IngressConfig
 from raylearn.serve.volumes import decode_mask
 
 remote = pytest.importorskip("nnInteractive.inference.remote", reason="nninteractive-client (dev extra) not installed")
@@ -41,36 +39,16 @@ def _nifti(arr, spacing, path) -> bytes:
     return path.read_bytes()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
-    from ray import serve
-
+def server(serve_app, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nninteractive")
-    cfg = ServeConfig(
-        name="raylearn-nninteractive-test",
-        ingress=IngressConfig(auth_token_env="RAYLEARN_TEST_UNSET_TOKEN", max_sessions=3),
-        model=ModelDeploymentConfig(model=sm.SamMed3DConfig(preset="small", device="cpu", init_seed=5)),
-        ingress_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-        model_options=DeploymentOptions(ray_actor_options={"num_cpus": 0}),
-    )
-    port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name=cfg.name, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=60)
+    app = serve_app("raylearn-nninteractive-test",
+                    IngressConfig(auth_token_env="RAYLEARN_TEST_UNSET_TOKEN", max_sessions=3),
+                    sm.SamMed3DConfig(preset="small", device="cpu", init_seed=5))
     arr = _array()
-    ns = SimpleNamespace(base=base, client=client, arr=arr, tmp=tmp, nii=_nifti(arr, SPACING, tmp / "img.nii"),
-                         nii_1mm=_nifti(arr, (1.0, 1.0, 1.0), tmp / "i1.nii"))
-    yield ns
-    client.close()
-    serve.delete(cfg.name)
-    serve.shutdown()
+    return SimpleNamespace(base=app.base, client=app.client, arr=arr, tmp=tmp,
+                           nii=_nifti(arr, SPACING, tmp / "img.nii"),
+                           nii_1mm=_nifti(arr, (1.0, 1.0, 1.0), tmp / "i1.nii"))
 
 
 def _v1(server, clicks, nii=None) -> np.ndarray:
