@@ -22,57 +22,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
-from pathlib import Path
 
+from _al_common import REPO, add_output_arguments, al_config, al_parser, parse, run_compare, save_result, start_run
 from _provenance import provenance
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
+
+def _base_config(args: argparse.Namespace) -> dict:
+    return al_config("hippocampus-al", args, features={"mc_samples": args.mc_samples, "reduction": "foreground"})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = al_parser(__doc__.split("\n")[0], "random,fg_random,least_confidence,bald,kcenter,typiclust", rounds=2)
+    ap.add_argument("--mc-samples", type=int, default=4)
+    add_output_arguments(ap, out=REPO / "runs" / "bench_al", quick=None)
+    return parse(ap, argv, "bench_al")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--strategies", default="random,fg_random,least_confidence,bald,kcenter,typiclust")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--cold", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--first-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--mc-samples", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_al")
-    ap.add_argument("--data", type=Path, default=DATA)
-    args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")
-
-    import logging
-
-    load_before = os.getloadavg()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from raylearn.compare import compare
-    from raylearn.config import parse_config
+    args = parse_args()
+    load_before = start_run()
+    _, strategies, res, wall = run_compare(args, _base_config(args), "al_hippocampus")
     from raylearn.curves import reach_fraction
-    from raylearn.experiment import ExperimentConfig
     from raylearn.ledger import Ledger
-
-    strategies = [s for s in args.strategies.split(",") if s]
-    base = parse_config({
-        "name": "hippocampus-al", "output_dir": str(args.out / "unused"),
-        "data": {"dataset": str(args.data), "store": str(args.out / "store"), "n_test": 40, "split_seed": 0},
-        "cold_start": {"strategy": "random", "size": args.cold},
-        "schedule": {"rounds": args.rounds, "batch_size": args.batch},
-        "features": {"mc_samples": args.mc_samples, "reduction": "foreground"},
-        "model": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
-        "train": {"first_round_steps": args.first_steps, "steps": args.steps, "batch_size": 4, "lr": 2e-3},
-        "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False},
-        "evaluate": {"hd95": False, "full_data_reference": True},
-    }, ExperimentConfig, source="al_hippocampus")
-    t0 = time.time()
-    res = compare(base, strategies, list(range(args.seeds)), args.out / "compare")
-    wall = time.time() - t0
 
     ref = res["reference_dice"]
     reach95, shares = {}, {}
@@ -128,13 +99,8 @@ def main() -> None:
         extra = f" ({s['score_s_per_round'] / rand:.1f}x random's scoring)" if rand else ""
         print(f"{name:>18}: score {s['score_s_per_round']} s/round, train {s['train_s_per_round']} s/round, "
               f"score/train {s['score_over_train']}{extra}, {s['run_wall_s_mean']} s per run")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "al_hippocampus.json").write_text(json.dumps(result, indent=2, default=float))
-    png = args.out / "compare" / "compare.png"
-    if png.is_file():
-        (out / "al_hippocampus.png").write_bytes(png.read_bytes())
-    print(f"wrote {out / 'al_hippocampus.json'} and al_hippocampus.png in {wall / 60:.1f} min")
+    path = save_result(result, "al_hippocampus", args, png=args.out / "compare" / "compare.png")
+    print(f"wrote {path} and al_hippocampus.png in {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -24,39 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
+from _al_common import add_output_arguments, al_config, al_parser, parse, run_compare, save_result, start_run
 from _provenance import provenance
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
 
 
 def _base_config(args: argparse.Namespace) -> dict:
-    if args.quick:  # phantoms: proves the pipeline, says nothing about the method
-        return {
-            "name": "clasp-quick", "output_dir": str(args.out / "unused"),
-            "data": {"dataset": "phantom", "store": str(args.out / "store"),
-                     "phantom": {"n_cases": 14, "shape": [24, 24, 24], "seed": 3}, "n_test": 3},
-            "cold_start": {"strategy": args.cold_strategy, "size": 2},
-            "schedule": {"rounds": 2, "batch_size": 2},
-            "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-            "train": {"first_round_steps": 3, "steps": 2, "batch_size": 2},
-            "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False},
-            "evaluate": {"hd95": False, "full_data_reference": True},
-        }
-    return {
-        "name": "hippocampus-clasp", "output_dir": str(args.out / "unused"),
-        "data": {"dataset": str(args.data), "store": str(args.out / "store"), "n_test": 40, "split_seed": 0},
-        "cold_start": {"strategy": args.cold_strategy, "size": args.cold},
-        "schedule": {"rounds": args.rounds, "batch_size": args.batch},
-        "model": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
-        "train": {"first_round_steps": args.first_steps, "steps": args.steps, "batch_size": 4, "lr": 2e-3},
-        "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False},
-        "evaluate": {"hd95": False, "full_data_reference": True},
-    }
+    return al_config("clasp-quick" if args.quick else "hippocampus-clasp", args, cold_strategy=args.cold_strategy)
 
 
 def _class_coverage(store_dir: Path) -> dict:
@@ -72,40 +47,20 @@ def _class_coverage(store_dir: Path) -> dict:
             "fg_voxels_per_case": {"min": float(fg.min()), "mean": float(fg.mean()), "max": float(fg.max())}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--strategies", default="clasp_pe,fg_random,random,entropy")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--cold", type=int, default=8)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = al_parser(__doc__.split("\n")[0], "clasp_pe,fg_random,random,entropy")
     ap.add_argument("--cold-strategy", default="random")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--first-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--quick", action="store_true", help="tiny phantom run (2 seeds) to check the pipeline")
-    args = ap.parse_args()
-    if args.out is None:
-        args.out = REPO / "runs" / ("bench_clasp_quick" if args.quick else "bench_clasp")
+    add_output_arguments(ap)
+    args = parse(ap, argv, "bench_clasp")
     if args.quick:
         args.seeds = min(args.seeds, 2)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    return args
 
-    import logging
 
-    load_before = os.getloadavg()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from raylearn.compare import compare
-    from raylearn.config import parse_config
-    from raylearn.experiment import ExperimentConfig
-
-    strategies = [s for s in args.strategies.split(",") if s]
-    base = parse_config(_base_config(args), ExperimentConfig, source="clasp_pe benchmark")
-    t0 = time.time()
-    res = compare(base, strategies, list(range(args.seeds)), args.out / "compare")
-    wall = time.time() - t0
+def main() -> None:
+    args = parse_args()
+    load_before = start_run()
+    _, strategies, res, wall = run_compare(args, _base_config(args), "clasp_pe benchmark")
     coverage = _class_coverage(args.out / "store")
 
     result = {
@@ -126,14 +81,8 @@ def main() -> None:
     print("class coverage of the pool:", json.dumps(coverage))
     if coverage["every_case_has_every_class"]:
         print("note: every pool case contains every class, so foreground-aware random picks like random here")
-    out = args.out if args.quick else REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = "clasp_pe_quick" if args.quick else "clasp_pe"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
-    png = args.out / "compare" / "compare.png"
-    if png.is_file():
-        (out / f"{name}.png").write_bytes(png.read_bytes())
-    print(f"wrote {out / (name + '.json')} and {name}.png in {wall / 60:.1f} min")
+    path = save_result(result, "clasp_pe", args, png=args.out / "compare" / "compare.png")
+    print(f"wrote {path} and {path.stem}.png in {wall / 60:.1f} min")
 
 
 if __name__ == "__main__":

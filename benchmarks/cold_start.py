@@ -23,31 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from _al_common import add_output_arguments, al_parser, parse, recipe_config, save_result, start_run, strategy_list
 from _provenance import provenance
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
 
 
 def _base_config(args: argparse.Namespace) -> dict:
-    common = {"name": "coldstart", "output_dir": str(args.out / "unused"), "schedule": {"rounds": 0, "batch_size": 1},
-              "evaluate": {"hd95": False}, "cold_start": {"strategy": "random", "size": 1}}
-    if args.quick:
-        return {**common,
-                "data": {"dataset": "phantom", "store": str(args.out / "store"),
-                         "phantom": {"n_cases": 14, "shape": [24, 24, 24], "seed": 3}, "n_test": 3},
-                "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
-                "train": {"first_round_steps": args.first_steps, "steps": 1, "batch_size": 2},
-                "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False}}
-    return {**common,
-            "data": {"dataset": str(args.data), "store": str(args.out / "store"), "n_test": 40, "split_seed": 0},
-            "model": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2},
-            "train": {"first_round_steps": args.first_steps, "steps": 1, "batch_size": 4, "lr": 2e-3},
-            "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False}}
+    """Round 0 only: the loop trains on the set a strategy chose (handed over as the cold-start selection)."""
+    return recipe_config("coldstart", args, schedule={"rounds": 0, "batch_size": 1},
+                         cold_start={"strategy": "random", "size": 1},
+                         train={"first_round_steps": args.first_steps, "steps": 1})
 
 
 def _extractor_settings(args: argparse.Namespace) -> dict:
@@ -106,33 +93,25 @@ def _paired(diffs: list[float]) -> dict:
             "wins": int((d > 0).sum()), "n": len(d), "p_paired_t": p}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--strategies", default="urds,gscu,typiclust,random")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = al_parser(__doc__.split("\n")[0], "urds,gscu,typiclust,random", seeds=5, loop=False)
     ap.add_argument("--sizes", default="5,10")
-    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--sam-checkpoint", type=Path, default=None, help="local SAM ViT-B checkpoint (GSCU)")
     ap.add_argument("--sam-slices", type=int, default=8, help="slices per volume for SAM")
     ap.add_argument("--pretext-steps", type=int, default=300)
-    ap.add_argument("--first-steps", type=int, default=300)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--quick", action="store_true", help="tiny phantom run to check the pipeline")
-    args = ap.parse_args()
-    if args.out is None:
-        args.out = REPO / "runs" / ("bench_coldstart_quick" if args.quick else "bench_coldstart")
+    add_output_arguments(ap, quick="tiny phantom run to check the pipeline")
+    args = parse(ap, argv, "bench_coldstart")
     if args.quick:
         args.seeds, args.sizes = min(args.seeds, 2), "2"
         args.pretext_steps, args.first_steps = min(args.pretext_steps, 3), min(args.first_steps, 3)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    return args
 
-    import logging
 
+def main() -> None:
+    args = parse_args()
+    load_before = start_run()
     import numpy as np
 
-    load_before = os.getloadavg()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from raylearn.config import parse_config
     from raylearn.experiment import ExperimentConfig
     from raylearn.extract import extractor_records
@@ -144,7 +123,7 @@ def main() -> None:
     t0 = time.time()
     base = parse_config(_base_config(args), ExperimentConfig, source="cold_start benchmark")
     settings = _extractor_settings(args)
-    strategies = [s for s in args.strategies.split(",") if s]
+    strategies = strategy_list(args)
     left_out = {}
     if "sugfw" not in settings:
         for s in ("gscu", "typiclust_sam"):
@@ -209,11 +188,8 @@ def main() -> None:
     print(table)
     if left_out:
         print("left out:", json.dumps(left_out))
-    out = args.out if args.quick else REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = "cold_start_quick" if args.quick else "cold_start"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {out / (name + '.json')} in {wall / 60:.1f} min (features {extract_s / 60:.1f} min)")
+    path = save_result(result, "cold_start", args)
+    print(f"wrote {path} in {wall / 60:.1f} min (features {extract_s / 60:.1f} min)")
 
 
 if __name__ == "__main__":

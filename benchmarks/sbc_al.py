@@ -25,44 +25,22 @@ Usage (run it alone on the machine; the lead schedules the full run)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from _provenance import load_avg, provenance
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "msd_hippocampus"
+from _al_common import add_output_arguments, al_config, al_parser, parse, run_compare, save_result, start_run
+from _provenance import provenance
 
 
 def _base_config(args: argparse.Namespace) -> dict:
     sbc = {"alpha": 1.0, "beta": args.beta, "gamma": args.gamma, "head_resolution": args.head_resolution}
-    if args.quick:  # phantoms: proves the pipeline, says nothing about the method
-        return {
-            "name": "sbc-quick", "output_dir": str(args.out / "unused"),
-            "data": {"dataset": "phantom", "store": str(args.out / "store"),
-                     "phantom": {"n_cases": 14, "shape": [24, 24, 24], "seed": 3}, "n_test": 3},
-            "cold_start": {"strategy": "random", "size": 2},
-            "schedule": {"rounds": 2, "batch_size": 2},
-            "model": {"arch": "sbc_unet", "channels": [4, 8], "strides": [2], "num_res_units": 0, "sbc": sbc},
-            "train": {"first_round_steps": 4, "steps": 2, "batch_size": 2},
-            "pool": {"n_shards": 1, "num_cpus": 0.5, "progress": False},
-            "evaluate": {"hd95": False, "full_data_reference": False},
-        }
-    return {
-        "name": "hippocampus-sbc", "output_dir": str(args.out / "unused"),
-        "data": {"dataset": str(args.data), "store": str(args.out / "store"), "n_test": 40, "split_seed": 0},
-        "cold_start": {"strategy": "random", "size": args.cold},
-        "schedule": {"rounds": args.rounds, "batch_size": args.batch},
-        "model": {"arch": "sbc_unet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2,
-                  "sbc": sbc},
-        "train": {"first_round_steps": args.first_steps, "steps": args.steps, "batch_size": 4, "lr": 2e-3},
-        "pool": {"n_shards": 2, "num_cpus": 0.5, "progress": False},
-        "evaluate": {"hd95": False, "full_data_reference": True},
-    }
+    if args.quick:
+        return al_config("sbc-quick", args, model={"arch": "sbc_unet", "sbc": sbc}, train={"first_round_steps": 4},
+                         evaluate={"full_data_reference": False})
+    return al_config("hippocampus-sbc", args, model={"arch": "sbc_unet", "sbc": sbc})
 
 
 def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dict:
@@ -117,48 +95,28 @@ def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dic
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--strategies", default="sbc,random,least_confidence")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--cold", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--first-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=200)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = al_parser(__doc__.split("\n")[0], "sbc,random,least_confidence")
     ap.add_argument("--beta", type=float, default=1.0, help="model.sbc.beta (SFP loss weight)")
     ap.add_argument("--gamma", type=float, default=1.0, help="model.sbc.gamma (ASR loss weight)")
     ap.add_argument("--head-resolution", choices=("full", "half"), default="full",
                     help="model.sbc.head_resolution of the AL runs")
     ap.add_argument("--cost-steps", type=int, default=20, help="timed optimiser steps per network")
     ap.add_argument("--cost-cases", type=int, default=20, help="pool cases scored per network")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--quick", action="store_true", help="tiny phantom run (2 seeds) to check the pipeline")
-    args = ap.parse_args()
-    if args.out is None:
-        args.out = REPO / "runs" / ("bench_sbc_quick" if args.quick else "bench_sbc")
+    add_output_arguments(ap)
+    args = parse(ap, argv, "bench_sbc")
     if args.quick:
         args.seeds = min(args.seeds, 2)
         args.cost_steps, args.cost_cases = min(args.cost_steps, 2), min(args.cost_cases, 2)
     if args.seeds < 1:
         sys.exit("--seeds must be >= 1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    return args
 
-    import logging
 
-    load_before = load_avg()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from raylearn.compare import compare
-    from raylearn.config import parse_config
-    from raylearn.experiment import ExperimentConfig
-
-    strategies = [s for s in args.strategies.split(",") if s]
-    base = parse_config(_base_config(args), ExperimentConfig, source="sbc_al benchmark")
-    t0 = time.time()
-    res = compare(base, strategies, list(range(args.seeds)), args.out / "compare")
-    al_wall = time.time() - t0
+def main() -> None:
+    args = parse_args()
+    load_before = start_run()
+    base, strategies, res, al_wall = run_compare(args, _base_config(args), "sbc_al benchmark")
     t1 = time.time()
     cost = head_cost(args.out / "store", base.model, args.cost_steps, args.cost_cases)
     cost_wall = time.time() - t1
@@ -186,14 +144,8 @@ def main() -> None:
               f"(x{s['step_time_ratio']:.2f}); scoring per case {u['score_feature']} "
               f"{u['score_s_per_case_median']:.3f} s -> {s['score_feature']} {s['score_s_per_case_median']:.3f} s "
               f"(x{s['score_time_ratio']:.2f})")
-    out = args.out if args.quick else REPO / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = "sbc_al_quick" if args.quick else "sbc_al"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
-    png = args.out / "compare" / "compare.png"
-    if png.is_file():
-        (out / f"{name}.png").write_bytes(png.read_bytes())
-    print(f"wrote {out / (name + '.json')} in {(al_wall + cost_wall) / 60:.1f} min")
+    path = save_result(result, "sbc_al", args, png=args.out / "compare" / "compare.png")
+    print(f"wrote {path} in {(al_wall + cost_wall) / 60:.1f} min")
 
 
 if __name__ == "__main__":
