@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylearn.config import ConfigError, StrictModel, load_yaml, parse_config
 from raylearn.data.preprocess import PreprocessConfig
@@ -29,7 +29,7 @@ from raylearn.tracking import TrackingConfig
 
 __all__ = [
     "BACKEND_CALLS", "ClusterConfig", "DataConfig", "ExperimentConfig", "PoolConfig", "ScheduleConfig",
-    "StrategyConfig", "load_experiment",
+    "StrategyConfig", "UnitConfig", "load_experiment",
 ]
 
 #: the :class:`~raylearn.models.base.Segmenter` calls each ``model.backend`` implements. The MONAI U-Net samples MC
@@ -195,6 +195,24 @@ class ScheduleConfig(StrictModel):
     simulated_delay_s: tuple[float, float] = (0.0, 0.0)
 
 
+class UnitConfig(StrictModel):
+    """What one annotation is (``unit:``; see :mod:`raylearn.units`): a whole volume, or one slice along ``axis``.
+
+    ``unit: volume`` (the default) and ``unit: slice`` are shorthands for ``{kind: volume}`` and
+    ``{kind: slice, axis: 2}``. With slices, the pool, the strategies' features, the selections, the ledger and the
+    cost (``fraction_labelled``: the share of the pool's slices labelled; ``cold_start.size``,
+    ``schedule.batch_size`` and ``schedule.max_labeled`` count slices) are per slice; training masks the loss on
+    voxels nobody annotated; evaluation stays on whole test volumes.
+
+    Attributes:
+        kind: ``volume`` or ``slice``.
+        axis: the slicing axis of the stored ``[D, H, W]`` grid (0, 1 or 2); slice units only.
+    """
+
+    kind: Literal["volume", "slice"] = "volume"
+    axis: int = Field(2, ge=0, le=2)
+
+
 class EvaluateConfig(StrictModel):
     """Evaluation on the test split after every round (metrics: :func:`raylearn.metrics.evaluate_case`)."""
 
@@ -224,6 +242,57 @@ class ExperimentConfig(StrictModel):
     promptable: PromptableConfig = PromptableConfig()
     #: MLflow / TensorBoard (:mod:`raylearn.tracking`); left out of the config hash: it does not shape results
     tracking: TrackingConfig = TrackingConfig()
+    #: annotation units (volume or slice); left out of the config hash when it is the default (whole volumes)
+    unit: UnitConfig = UnitConfig()
+
+    @field_validator("unit", mode="before")
+    @classmethod
+    def _unit_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in ("volume", "slice"):
+                raise ValueError(f"unit: must be 'volume', 'slice' or {{kind: slice, axis: 0|1|2}}, got {v!r}")
+            return {"kind": v}
+        return v
+
+    @model_validator(mode="after")
+    def _check_units(self) -> ExperimentConfig:
+        """``unit: slice`` needs what labels, trains and scores slices: refuse the rest here, naming the key; and
+        every strategy must select the configured unit."""
+        from raylearn.strategies import build_strategy
+
+        kind = self.unit.kind
+        for where, name, params in (("strategy.name", self.strategy.name, self.strategy.params),
+                                    ("cold_start.strategy", self.cold_start.strategy, self.cold_start.params)):
+            try:
+                strategy = build_strategy(name, **params).for_round(0 if where.startswith("cold") else 1)
+            except (ValueError, TypeError, KeyError):
+                continue  # _check_strategies names the bad parameter
+            if kind not in strategy.supported_units():
+                why = (f"it needs case-level features {sorted(strategy.required_features())}" if kind == "slice"
+                       else f"it selects {'/'.join(sorted(strategy.supported_units()))} units only")
+                raise ValueError(
+                    f"{where}: {name!r} does not support unit: {kind} ({why}); slice units work with random, the "
+                    "uncertainty strategies (least_confidence, entropy, margin, mc_entropy, bald, mc_variance, "
+                    "tta_variance, power) and strategies that declare slice units")
+        if kind != "slice":
+            return self
+        refuse = [
+            (self.model.backend != "monai_unet", f"model.backend: {self.model.backend} trains on whole labelled "
+             "volumes only; slice units need the masked loss of model.backend: monai_unet"),
+            (self.model.arch == "sbc_unet", "model.arch: sbc_unet's joint loss has no masked version; use "
+             "model.arch: unet"),
+            (self.oracle != "simulated", f"oracle: {self.oracle} (the annotation API labels whole volumes); slice "
+             "units need oracle: simulated"),
+            (self.schedule.mode != "sync", "schedule.mode: async (label-driven rounds count whole volumes); slice "
+             "units need schedule.mode: sync"),
+            (self.promptable.enabled, "promptable.enabled: the promptable model fine-tunes on whole labelled volumes"),
+            (self.train.val_fraction > 0 or self.train.val_ids is not None, "train.val_fraction / train.val_ids: "
+             "validation scores whole labelled cases, which partial labels are not; leave them unset"),
+        ]
+        for bad, why in refuse:
+            if bad:
+                raise ValueError(f"unit: slice: {why}")
+        return self
 
     @model_validator(mode="after")
     def _check_promptable(self) -> ExperimentConfig:

@@ -116,7 +116,7 @@ class Ledger:
             good_bytes += len(line) + 1
 
     def append(self, kind: str, **payload: Any) -> dict:
-        """Durably append one record of ``kind`` (``header``, ``selected``, ``round``, ``done``)."""
+        """Durably append one record of ``kind`` (``header``, ``selected``, ``propagated``, ``round``, ``done``)."""
         if self.readonly:
             raise LedgerError(f"{self.path}: opened read-only")
         rec = {"kind": kind, **payload}
@@ -148,6 +148,22 @@ class Ledger:
             if r["round"] == round_index:
                 return r
         return None
+
+    def propagation(self, round_index: int) -> dict | None:
+        """The ``propagated`` record of a round (its pseudo-labelling stage ran and was written), if any."""
+        found = None
+        for r in self.of_kind("propagated"):
+            if r["round"] == round_index:
+                found = r
+        return found
+
+    def last_propagation(self, before: int) -> dict | None:
+        """The newest ``propagated`` record of a round before ``before`` (its scores feed round ``before``)."""
+        found = None
+        for r in self.of_kind("propagated"):
+            if r["round"] < before and (found is None or r["round"] >= found["round"]):
+                found = r
+        return found
 
     def __len__(self) -> int:
         return len(self._records)

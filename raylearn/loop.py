@@ -9,6 +9,11 @@ declares the features it needs and the pool computes exactly those.
 Durability: the ledger records each selection before labelling and each round once evaluated; a killed
 run resumes from it (``resume=True``) and the training service from its last Ray Train checkpoint, so a
 round interrupted mid-training continues where it stopped instead of retraining.
+
+Annotation units (``unit: volume | slice``, :mod:`raylearn.slice_loop`): with slices, selections, budgets and cost
+count slice units, the shards score each slice, training reads the cases with an annotated slice (the loss masked to
+annotated and pseudo-labelled voxels), and a strategy with a ``propagate`` method runs its pseudo-labelling stage
+after each round's labels arrive and before training (recorded in the ledger, re-used on resume).
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ def _config_json(cfg: ExperimentConfig) -> dict:
     """The config as the ledger records and hashes it: ``tracking`` left out (where a run is watched does not change
     what it computes, so a resume may log elsewhere)."""
     exclude = {"tracking"} | (set() if cfg.promptable.enabled else {"promptable"})  # runs from before it hash alike
+    if cfg.unit.kind == "volume" and cfg.unit.axis == 2:  # the default: runs from before slice units hash alike
+        exclude.add("unit")
     return cfg.model_dump(mode="json", exclude=exclude)
 
 
@@ -163,6 +170,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     from raylearn.pool import ShardedPool
     from raylearn.reference import full_pool_reference, mean_metrics
     from raylearn.scoring.features import model_features
+    from raylearn.slice_loop import propagate_round, slice_view, training_ids, unit_space
+    from raylearn.strategies import build_strategy
     from raylearn.train.backends import make_round_trainer
 
     out = Path(cfg.output_dir)
@@ -191,10 +200,18 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         share_round0(Path(cold_start_from), ledger, _config_json(cfg), model_cfg, out)
     rounds = ledger.rounds()
     tracker = _start_tracking(cfg, out, chash, rounds)  # before Ray work: a bad tracking key fails fast
-    labeled: list[str] = [cid for r in rounds for cid in r["selected"]]
+    labeled: list[str] = [cid for r in rounds for cid in r["selected"]]  # unit ids (case ids for volume units)
+    units = unit_space(cfg, store, pool_ids)
     checkpoint: str | None = rounds[-1]["checkpoint"] if rounds else None
+    last_prop = ledger.last_propagation(len(rounds))  # the pseudo-labelling stage's scores feed the next selection
+    prop_scores = None
+    if last_prop is not None:
+        from raylearn.propagation import load_scores
+
+        prop_scores = load_scores(last_prop["scores_path"])
     if rounds:
-        log.info("resuming %s after round %d (%d cases labelled)", out, rounds[-1]["round"], len(labeled))
+        log.info("resuming %s after round %d (%d %s labelled)", out, rounds[-1]["round"], len(labeled),
+                 "slices" if units.slices else "cases")
     if on_round is not None:
         for i in range(len(rounds)):
             on_round(rounds[i], rounds[: i + 1])
@@ -207,7 +224,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     schedule = make_schedule(cfg, store, labels, attach_run(out, cfg, store, labels, pool_ids), pool_ids)
     schedule.restore(labeled)  # rounds already recorded (a shared round 0, a resume) have their labels here
     storage = storage_uri(cfg)  # Ray Train's storage: a URI every node resolves (cluster.storage)
-    plan = plan_cluster(cfg, len(pool_ids) - len(labeled))  # ConfigError naming the key when it cannot fit
+    open_cases = units.open_cases(labeled)  # cases with an unlabelled unit: what the shards hold
+    plan = plan_cluster(cfg, len(open_cases))  # ConfigError naming the key when it cannot fit
     if cfg.cluster.check_nodes:
         check_nodes(store, {"cluster.storage": storage, "cluster.label_store": str(labels.root)})
     train_cfg = cfg.train.model_copy(update={"storage_path": storage, "use_gpu": plan.use_gpu})
@@ -215,13 +233,13 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     trainer = make_round_trainer(LabelledStore(store, labels), model_cfg, train_cfg, out, cfg.schedule.rounds,
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
                                  step_hook=step_hook, storage=storage, scaling=plan.scaling(),
-                                 replan=replan_training(cfg, len(pool_ids) - len(labeled)), promptable=cfg.promptable)
+                                 replan=replan_training(cfg, len(open_cases)), promptable=cfg.promptable)
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()
     try:
         pool = ShardedPool(store, n_shards=plan.n_shards, resources_per_shard=plan.shard, config=cfg.pool,
-                           case_ids=[c for c in pool_ids if c not in set(labeled)], case_hook=case_hook,
+                           case_ids=open_cases, case_hook=case_hook,
                            shard_nodes=plan.shard_nodes)
     except BaseException:
         if started:
@@ -236,9 +254,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             if recorded is not None:
                 chosen, scores = list(recorded["ids"]), recorded.get("scores")
             else:
-                budget = _budget(cfg, r, len(pool_ids), len(labeled))
+                budget = _budget(cfg, r, len(units), len(labeled))
                 if budget <= 0:
-                    log.info("budget spent after %d cases; stopping", len(labeled))
+                    log.info("budget spent after %d %s; stopping", len(labeled), "slices" if units.slices else "cases")
                     break
                 name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
                 if model_features(split_features(strategy.requires)[0]) and checkpoint is None:
@@ -248,7 +266,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     view, timings["score_s"] = prefetched[1], prefetched[2]
                 else:
                     t0 = time.perf_counter()
-                    view = _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r, store)
+                    view = (slice_view(pool, checkpoint, strategy, cfg, units, labeled, r, prop_scores) if units.slices
+                            else _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r, store))
                     timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 view = schedule.view(view, labeled)  # async: cases labelled or leased meanwhile are taken
@@ -258,11 +277,24 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 scores = _selected_scores(view, chosen)
                 ledger.append("selected", round=r, ids=chosen, scores=scores, strategy=name)
             chosen, receipt = schedule.collect(r, chosen, labeled, checkpoint)
+            complete = set(units.complete_cases(labeled))
             labeled.extend(chosen)
-            pool.mark_labeled(chosen)
+            pool.mark_labeled([c for c in units.complete_cases(labeled) if c not in complete] if units.slices
+                              else chosen)
+            prop_rec = None
+            if units.slices:  # the main strategy's pseudo-labelling stage, when it has one
+                t0 = time.perf_counter()
+                main = build_strategy(cfg.strategy.name, **{**cfg.strategy.params,
+                                                           "random_state": round_seed(cfg.seed, r)})
+                prop_rec, scores_r = propagate_round(ledger, main, cfg, store, labels, units, labeled, r, out,
+                                                     plan.use_gpu, int(store.num_classes))
+                if prop_rec is not None:
+                    prop_scores = scores_r
+                    timings["propagate_s"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            checkpoint, info, added = schedule.fit(trainer, r, labeled, seed=round_seed(cfg.seed, r) % 2**31)
+            checkpoint, info, added = schedule.fit(trainer, r, training_ids(units, labeled, labels),
+                                                   seed=round_seed(cfg.seed, r) % 2**31)
             if added:  # async: labels that arrived while the round trained
                 labeled.extend(added)
                 pool.mark_labeled(added)
@@ -274,23 +306,28 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             pending = pool.submit_evaluate(checkpoint, test_ids, metric_kw)
             prefetched = None
             if r + 1 < n_rounds and ledger.selection(r + 1) is None and \
-                    _budget(cfg, r + 1, len(pool_ids), len(labeled)) > 0:
+                    _budget(cfg, r + 1, len(units), len(labeled)) > 0:
                 _, nxt = schedule.strategy(r + 1, *_strategy(cfg, r + 1))
                 if nxt.requires:  # score for the next round while the shards evaluate this one
                     t1 = time.perf_counter()
-                    prefetched = (r + 1, _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1, store),
-                                  time.perf_counter() - t1)
+                    view = (slice_view(pool, checkpoint, nxt, cfg, units, labeled, r + 1, prop_scores) if units.slices
+                            else _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1, store))
+                    prefetched = (r + 1, view, time.perf_counter() - t1)
             metrics = mean_metrics(pool.collect_evaluate(pending, checkpoint, metric_kw))
             timings["eval_s"] = time.perf_counter() - t0 - (prefetched[2] if prefetched else 0.0)
             if cfg.promptable.enabled:  # fine-tuned by the workers beside this evaluation and the next scoring
                 t1 = time.perf_counter()
                 info["promptable"] = trainer.collect_promptable(r)
                 timings["promptable_wait_s"] = time.perf_counter() - t1
+            per_unit = {} if not units.slices else {  # slice units: cost counts slices
+                "unit": "slice", "n_units": len(units), "n_cases_labelled": len(units.labelled_cases(labeled)),
+                "propagation": None if prop_rec is None else {k: prop_rec[k] for k in
+                                                              ("round", "pseudo_cases", "pseudo_voxels", "info")}}
             rec = ledger.append(
                 "round", round=r, selected=chosen, scores=scores, n_labeled=len(labeled),
-                fraction_labelled=len(labeled) / len(pool_ids), metrics=metrics, timings=timings,
+                fraction_labelled=len(labeled) / len(units), metrics=metrics, timings=timings,
                 checkpoint=checkpoint, train_info=info, annotated_fg_voxels=receipt.foreground_voxels,
-                **foreground_cost(rounds, receipt.foreground_voxels, pool_fg),
+                **foreground_cost(rounds, receipt.foreground_voxels, pool_fg), **per_unit,
                 config_hash=chash)
             rounds.append(rec)
             schedule.round_done(r, checkpoint)

@@ -2,7 +2,9 @@
 (:class:`raylearn.annotation.labels.LabelStore`), the only place training reads labels from.
 
 ``SimulatedOracle`` reveals the held-back ground truth of the pool store (the papers' simulation) by writing it
-into the label store as ``source="simulated"`` labels, so simulated runs exercise the real path.
+into the label store as ``source="simulated"`` labels, so simulated runs exercise the real path. Given slice unit
+ids (``"<case>@<axis>:<index>"``, :mod:`raylearn.units`) it reveals only those slices: a partial label (the slices'
+ground truth and the mask of their voxels) merged into the case's earlier ones.
 ``HumanOracle`` waits until people have uploaded ``final`` labels through the annotation API
 (:mod:`raylearn.serve.annotation_api`), which writes them into the same store.
 """
@@ -28,7 +30,8 @@ class OracleTimeout(TimeoutError):
 
 @dataclass
 class LabelReceipt:
-    """What an oracle delivered: the labelled ids and the annotation effort they represent."""
+    """What an oracle delivered: the labelled ids (case or slice unit ids) and the annotation effort they represent
+    (``voxels`` / ``foreground_voxels``: of the revealed volumes or slices; ``per_case``: foreground voxels per id)."""
 
     ids: list[str]
     voxels: int = 0
@@ -62,11 +65,19 @@ class SimulatedOracle(Oracle):
         self.revealed: list[str] = []
 
     def label(self, ids: Sequence[str]) -> LabelReceipt:
+        from raylearn.units import is_slice_id, parse_unit, slice_of
+
         known = set(self.store.case_ids())
         receipt = LabelReceipt(ids=[])
+        slices: dict[str, list] = {}
         for cid in ids:
-            if cid not in known:
-                raise ValueError(f"oracle: case {cid!r} is not in the store {self.store.path}")
+            unit = parse_unit(cid) if is_slice_id(cid) else None
+            case_id = unit.case if unit is not None else cid
+            if case_id not in known:
+                raise ValueError(f"oracle: case {case_id!r} is not in the store {self.store.path}")
+            if unit is not None:
+                slices.setdefault(case_id, []).append(unit)
+                continue
             case = self.store.get(cid)
             if case.label is None:
                 raise ValueError(f"oracle: case {cid!r} has no ground-truth label to reveal")
@@ -77,6 +88,23 @@ class SimulatedOracle(Oracle):
             receipt.per_case[cid] = fg
             self.labels.put(cid, case.label, "simulated", "simulated")
             self.revealed.append(cid)
+        for case_id, units in slices.items():  # one new label version per case, however many of its slices
+            case = self.store.get(case_id)
+            if case.label is None:
+                raise ValueError(f"oracle: case {case_id!r} has no ground-truth label to reveal")
+            gt = np.asarray(case.label)
+            mask = np.zeros(gt.shape, dtype=bool)
+            for unit in units:
+                index = slice_of(gt.shape, unit)  # ValueError naming the unit when it lies outside the case
+                mask[index] = True
+                fg = int(np.count_nonzero(gt[index]))
+                receipt.ids.append(unit.id)
+                receipt.voxels += int(gt[index].size)
+                receipt.foreground_voxels += fg
+                receipt.per_case[unit.id] = fg
+                self.revealed.append(unit.id)
+            self.labels.put_partial(case_id, np.where(mask, gt, 0), mask, "simulated", "simulated",
+                                    units=[u.id for u in units])
         return receipt
 
 

@@ -27,7 +27,7 @@ import numpy as np
 __all__ = [
     "MAX_ELEMENTS_PER_CASE", "PoolError", "balance", "checkpoint_bytes", "checkpoint_digest",
     "compact_feature", "detect_segmenter_cls", "SEGMENTER_FORMATS", "load_class", "merge_results",
-    "open_store", "voxel_counts",
+    "open_store", "ragged", "voxel_counts",
 ]
 
 
@@ -79,6 +79,15 @@ def compact_feature(name: str, value: Any, case_id: str) -> np.ndarray:
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
     return arr
+
+
+def ragged(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-case arrays of varying length (per-slice scores, slice units) as an object array ``[N]`` (concatenates and
+    reorders like any feature column in :func:`merge_results`)."""
+    out = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):
+        out[i] = np.asarray(row)
+    return out
 
 
 def voxel_counts(store: Any, ids: Sequence[str]) -> list[float]:

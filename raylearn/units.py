@@ -24,6 +24,7 @@ __all__ = [
     "PropagationContext",
     "PropagationResult",
     "SliceUnit",
+    "UnitSpace",
     "is_slice_id",
     "parse_unit",
     "slice_of",
@@ -94,6 +95,88 @@ def slice_of(shape: Sequence[int], unit: SliceUnit) -> tuple[slice | int, ...]:
     index: list[slice | int] = [slice(None)] * len(shape)
     index[lead + unit.axis] = unit.index
     return tuple(index)
+
+
+class UnitSpace:
+    """The annotation units of a pool: whole cases (``kind="volume"``) or every slice of every case along ``axis``.
+
+    The driver's bookkeeping of a run with ``unit: slice``: the unit ids in pool order (cases in the given order,
+    slices by index: ``c@2:9`` before ``c@2:10``), the case of a unit, which cases still have unlabelled units (they
+    stay on the pool's shards), which cases training reads, and per-case score vectors spread over the units.
+
+    Args:
+        case_ids: the pool's case ids, in pool order.
+        kind: ``"volume"`` or ``"slice"``.
+        axis: the slicing axis (slice units).
+        shapes: case id -> stored grid ``(D, H, W)`` (slice units).
+    """
+
+    def __init__(self, case_ids: Sequence[str], kind: str = "volume", axis: int = 2,
+                 shapes: dict[str, Sequence[int]] | None = None) -> None:
+        if kind not in ("volume", "slice"):
+            raise ValueError(f"unit kind must be 'volume' or 'slice', got {kind!r}")
+        self.kind, self.axis = kind, int(axis)
+        self.case_ids = [str(c) for c in case_ids]
+        self.n_slices: dict[str, int] = {}
+        if kind == "slice":
+            shapes = shapes or {}
+            missing = [c for c in self.case_ids if c not in shapes]
+            if missing:
+                raise ValueError(f"slice units need the grid shape of every case; missing {missing[:5]}")
+            self.n_slices = {c: int(tuple(shapes[c])[-3:][self.axis]) for c in self.case_ids}
+            self.ids = [unit_id(c, self.axis, i) for c in self.case_ids for i in range(self.n_slices[c])]
+        else:
+            self.ids = list(self.case_ids)
+
+    @property
+    def slices(self) -> bool:
+        return self.kind == "slice"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def case_of(self, uid: str) -> str:
+        """The case a unit belongs to (a volume unit is its case)."""
+        return parse_unit(uid).case if self.slices else uid
+
+    def labelled_cases(self, labelled: Sequence[str]) -> list[str]:
+        """Cases with at least one labelled unit, in pool order."""
+        have = {self.case_of(u) for u in labelled}
+        return [c for c in self.case_ids if c in have]
+
+    def complete_cases(self, labelled: Sequence[str]) -> list[str]:
+        """Cases whose every unit is labelled (they leave the pool's shards), in pool order."""
+        if not self.slices:
+            return self.labelled_cases(labelled)
+        count: dict[str, int] = {}
+        for u in set(labelled):
+            c = self.case_of(u)
+            count[c] = count.get(c, 0) + 1
+        return [c for c in self.case_ids if count.get(c, 0) >= self.n_slices[c]]
+
+    def open_cases(self, labelled: Sequence[str]) -> list[str]:
+        """Cases with at least one unlabelled unit (what the pool's shards hold and score), in pool order."""
+        done = set(self.complete_cases(labelled))
+        return [c for c in self.case_ids if c not in done]
+
+    def spread(self, case_id: str, values: np.ndarray) -> dict[str, float]:
+        """A case's per-slice scores ``[S]`` as ``{unit id: score}`` (slice units)."""
+        values = np.asarray(values).ravel()
+        if values.size != self.n_slices[case_id]:
+            raise ValueError(f"case {case_id!r}: {values.size} slice scores for {self.n_slices[case_id]} slices "
+                             f"along axis {self.axis}")
+        return {unit_id(case_id, self.axis, i): float(v) for i, v in enumerate(values)}
+
+    def align(self, scores: dict[str, float]) -> np.ndarray:
+        """``float64 [len(self)]`` of ``scores`` in unit order, NaN for absent units; unknown ids raise."""
+        index = {u: i for i, u in enumerate(self.ids)}
+        unknown = sorted(set(scores) - set(index))
+        if unknown:
+            raise ValueError(f"{len(unknown)} unit id(s) are not units of this pool: {unknown[:5]}")
+        out = np.full(len(self.ids), np.nan)
+        for u, v in scores.items():
+            out[index[u]] = float(v)
+        return out
 
 
 @dataclass

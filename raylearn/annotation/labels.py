@@ -14,8 +14,15 @@ record names, so it is ignored (and overwritten by the next write of that versio
 version and keep every earlier one (:meth:`history`). Writing the same array again for the same case and tag
 is idempotent: the latest version is returned, nothing is written (``created=False``).
 
-Records: ``{"kind": "label", "case_id", "version", "tag", "source" ("simulated" | "human"), "annotator",
+Records: ``{"kind": "label", "case_id", "version", "tag", "source" ("simulated" | "human" | "pseudo"), "annotator",
 "time" (unix s), "sha256" (of the array bytes and shape), "shape", "foreground_voxels", "path", "info"}``.
+
+Partial labels (``unit: slice`` runs, :meth:`LabelStore.put_partial`): a version also names a boolean mask of the
+annotated voxels (``cases/<case_id>/v0002.mask.npy``; record fields ``mask_path``, ``mask_sha256``,
+``annotated_voxels`` and ``units``, the slice unit ids annotated so far). A new slice adds a version whose label and
+mask are the previous version's merged with the new slice (the mask is the union). A version without ``mask_path``
+is a whole-volume label (every voxel annotated). Pseudo-labels (:meth:`LabelStore.put_pseudo`) are stored under their
+own tag ``pseudo`` with ``source="pseudo"``; each round's replace the previous ones and they never count as cost.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +44,15 @@ import numpy as np
 
 from raylearn.ledger import Ledger
 
-__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "LabelledStore", "label_digest", "fsync_dir", "file_lock"]
+__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "LabelledStore", "PSEUDO_TAG", "label_digest", "fsync_dir",
+           "file_lock", "mask_digest"]
 
 log = logging.getLogger(__name__)
 
 LEDGER = "labels.jsonl"
 SOURCES = ("simulated", "human")
+#: the tag (and source) of pseudo-labels: never what the annotation API serves as ``final``, never cost
+PSEUDO_TAG = "pseudo"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
@@ -56,6 +66,21 @@ def label_digest(label: np.ndarray) -> str:
     h = hashlib.sha256(repr(tuple(arr.shape)).encode())
     h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """sha256 of a boolean mask's shape and bytes (stored as uint8 0/1)."""
+    return label_digest(np.asarray(mask, dtype=bool).astype(np.uint8))
+
+
+def _write_npy(folder: Path, name: str, arr: np.ndarray) -> None:
+    """Write ``folder/name`` durably: temporary file fsynced, renamed into place (atomic)."""
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / name)
 
 
 def fsync_dir(path: Path) -> None:
@@ -94,18 +119,34 @@ class LabelRecord:
     path: str
     info: dict[str, Any] = field(default_factory=dict)
     created: bool = True
+    #: partial labels only: the annotated-voxel mask's file and sha256, its voxel count, the slice units so far
+    mask_path: str | None = None
+    mask_sha256: str | None = None
+    annotated_voxels: int | None = None
+    units: tuple[str, ...] = ()
+
+    @property
+    def partial(self) -> bool:
+        """True when only the voxels of :attr:`mask_path` are annotated (a whole-volume label otherwise)."""
+        return self.mask_path is not None
 
     @classmethod
     def from_record(cls, rec: dict, created: bool = True) -> LabelRecord:
         return cls(case_id=rec["case_id"], version=int(rec["version"]), tag=rec["tag"], source=rec["source"],
                    annotator=rec["annotator"], time=float(rec["time"]), sha256=rec["sha256"],
                    shape=tuple(rec["shape"]), foreground_voxels=int(rec["foreground_voxels"]), path=rec["path"],
-                   info=dict(rec.get("info") or {}), created=created)
+                   info=dict(rec.get("info") or {}), created=created, mask_path=rec.get("mask_path"),
+                   mask_sha256=rec.get("mask_sha256"),
+                   annotated_voxels=None if rec.get("annotated_voxels") is None else int(rec["annotated_voxels"]),
+                   units=tuple(rec.get("units") or ()))
 
     def as_json(self) -> dict[str, Any]:
-        return {"case_id": self.case_id, "version": self.version, "tag": self.tag, "source": self.source,
-                "annotator": self.annotator, "time": self.time, "sha256": self.sha256, "shape": list(self.shape),
-                "foreground_voxels": self.foreground_voxels, "info": self.info}
+        out = {"case_id": self.case_id, "version": self.version, "tag": self.tag, "source": self.source,
+               "annotator": self.annotator, "time": self.time, "sha256": self.sha256, "shape": list(self.shape),
+               "foreground_voxels": self.foreground_voxels, "info": self.info}
+        if self.partial:
+            out.update(annotated_voxels=self.annotated_voxels, units=list(self.units))
+        return out
 
 
 class LabelStore:
@@ -164,13 +205,7 @@ class LabelStore:
             KeyError: the case has no such label.
             LabelStoreError: the file is missing or does not match its recorded sha256.
         """
-        hist = self.history(case_id, tag)
-        if version is not None:
-            hist = [r for r in hist if r.version == int(version)]
-        if not hist:
-            raise KeyError(f"case {case_id!r} has no {tag!r} label"
-                           + (f" version {version}" if version is not None else "") + f" in {self.root}")
-        rec = hist[-1]
+        rec = self._record(case_id, version, tag)
         try:
             arr = np.load(self.root / rec.path, allow_pickle=False)
         except (OSError, ValueError) as err:
@@ -178,6 +213,53 @@ class LabelStore:
         if label_digest(arr) != rec.sha256:
             raise LabelStoreError(f"{self.root / rec.path}: content does not match its record (sha256)")
         return arr
+
+    def read_masked(self, case_id: str, version: int | None = None, tag: str = "final"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """A version's label and annotated-voxel mask: ``(uint8 [D, H, W], bool [D, H, W])``.
+
+        A whole-volume label's mask is all True; a partial label's label is 0 outside its mask.
+
+        Raises:
+            KeyError: the case has no such label.
+            LabelStoreError: a file is missing or does not match its record.
+        """
+        label = self.read(case_id, version, tag)
+        rec = self._record(case_id, version, tag)
+        if not rec.partial:
+            return label, np.ones(label.shape, dtype=bool)
+        try:
+            raw = np.load(self.root / rec.mask_path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise LabelStoreError(f"{self.root / rec.mask_path}: unreadable mask file: {err}") from None
+        if label_digest(raw) != rec.mask_sha256:
+            raise LabelStoreError(f"{self.root / rec.mask_path}: content does not match its record (sha256)")
+        return label, raw.astype(bool)
+
+    def _record(self, case_id: str, version: int | None, tag: str) -> LabelRecord:
+        hist = self.history(case_id, tag)
+        if version is not None:
+            hist = [r for r in hist if r.version == int(version)]
+        if not hist:
+            raise KeyError(f"case {case_id!r} has no {tag!r} label"
+                           + (f" version {version}" if version is not None else "") + f" in {self.root}")
+        return hist[-1]
+
+    def labelled_units(self, case_id: str | None = None) -> list[str]:
+        """Slice unit ids annotated so far (``final`` partial labels), of one case or of every case."""
+        latest: dict[str, dict] = {}
+        for r in self._refresh():
+            if r["tag"] == "final" and (case_id is None or r["case_id"] == case_id):
+                latest[r["case_id"]] = r
+        return [u for r in latest.values() for u in (r.get("units") or ())]
+
+    def pseudo_ids(self) -> list[str]:
+        """Case ids whose latest pseudo-label fills at least one voxel."""
+        latest: dict[str, dict] = {}
+        for r in self._refresh():
+            if r["tag"] == PSEUDO_TAG:
+                latest[r["case_id"]] = r
+        return [c for c, r in latest.items() if int(r.get("annotated_voxels") or 0) > 0]
 
     # -- writing ----------------------------------------------------------------------------------
     def lock(self) -> contextlib.AbstractContextManager[None]:
@@ -189,6 +271,43 @@ class LabelStore:
             raise LabelStoreError(f"invalid case id {case_id!r} (letters, digits, '.', '_', '-' only)")
         if self.known_ids is not None and case_id not in self.known_ids:
             raise LabelStoreError(f"unknown case {case_id!r}: not in the pool store")
+
+    @staticmethod
+    def _check_label(case_id: str, label: np.ndarray) -> np.ndarray:
+        arr = np.asarray(label)
+        if arr.ndim != 3:
+            raise LabelStoreError(f"case {case_id!r}: a label must be [D, H, W], got shape {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise LabelStoreError(f"case {case_id!r}: label values must lie in 0..255")
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+
+    @staticmethod
+    def _check_tag(tag: str) -> None:
+        if not re.match(r"^[A-Za-z0-9._-]{1,64}$", tag or ""):
+            raise LabelStoreError(f"invalid label tag {tag!r}")
+
+    def _commit(self, case_id: str, tag: str, source: str, annotator: str, arr: np.ndarray,
+                mask: np.ndarray | None, units: Sequence[str], info: dict[str, Any] | None) -> LabelRecord:
+        """Write a new version (label, and mask for a partial one) durably, then append its record. Holds the lock."""
+        version = 1 + max((r.version for r in self.history(case_id)), default=0)
+        folder = self.root / "cases" / case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        rel = f"cases/{case_id}/v{version:04d}.npy"
+        _write_npy(folder, f"v{version:04d}.npy", arr)
+        extra: dict[str, Any] = {}
+        if mask is not None:
+            m8 = np.ascontiguousarray(mask, dtype=bool).astype(np.uint8)
+            _write_npy(folder, f"v{version:04d}.mask.npy", m8)
+            extra = {"mask_path": f"cases/{case_id}/v{version:04d}.mask.npy", "mask_sha256": label_digest(m8),
+                     "annotated_voxels": int(m8.sum()), "units": list(units)}
+        fsync_dir(folder)
+        rec = Ledger(self.root / LEDGER).append(
+            "label", case_id=case_id, version=version, tag=tag, source=source, annotator=str(annotator),
+            time=time.time(), sha256=label_digest(arr), shape=list(arr.shape),
+            foreground_voxels=int(np.count_nonzero(arr)), path=rel, info=dict(info or {}), **extra)
+        fsync_dir(self.root)
+        self._size = -1
+        return LabelRecord.from_record(rec)
 
     def put(self, case_id: str, label: np.ndarray, source: str, annotator: str, tag: str = "final",
             info: dict[str, Any] | None = None) -> LabelRecord:
@@ -208,39 +327,118 @@ class LabelStore:
         self.check_id(case_id)
         if source not in SOURCES:
             raise LabelStoreError(f"label source must be one of {SOURCES}, got {source!r}")
-        if not re.match(r"^[A-Za-z0-9._-]{1,64}$", tag or ""):
-            raise LabelStoreError(f"invalid label tag {tag!r}")
-        arr = np.asarray(label)
-        if arr.ndim != 3:
-            raise LabelStoreError(f"case {case_id!r}: a label must be [D, H, W], got shape {arr.shape}")
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise LabelStoreError(f"case {case_id!r}: label values must lie in 0..255")
-        arr = np.ascontiguousarray(arr, dtype=np.uint8)
+        self._check_tag(tag)
+        arr = self._check_label(case_id, label)
         digest = label_digest(arr)
         with self.lock():
             self._size = -1
             hist = self.history(case_id, tag)
-            if hist and hist[-1].sha256 == digest:
+            if hist and hist[-1].sha256 == digest and not hist[-1].partial:
                 return dataclasses.replace(hist[-1], created=False)
-            version = 1 + max((r.version for r in self.history(case_id)), default=0)
-            folder = self.root / "cases" / case_id
-            folder.mkdir(parents=True, exist_ok=True)
-            rel = f"cases/{case_id}/v{version:04d}.npy"
-            tmp = folder / f".v{version:04d}.npy.tmp"
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.root / rel)
-            fsync_dir(folder)
-            rec = Ledger(self.root / LEDGER).append(
-                "label", case_id=case_id, version=version, tag=tag, source=source, annotator=str(annotator),
-                time=time.time(), sha256=digest, shape=list(arr.shape),
-                foreground_voxels=int(np.count_nonzero(arr)), path=rel, info=dict(info or {}))
-            fsync_dir(self.root)
+            rec = self._commit(case_id, tag, source, annotator, arr, None, (), info)
+        log.info("label store: %s v%d (%s, %s, %s)", case_id, rec.version, tag, source, annotator)
+        return rec
+
+    def put_partial(self, case_id: str, label: np.ndarray, annotated: np.ndarray, source: str, annotator: str,
+                    units: Sequence[str] = (), tag: str = "final", info: dict[str, Any] | None = None) -> LabelRecord:
+        """Add annotated voxels (e.g. one slice) to a case's label: a new version whose mask is the union.
+
+        The new voxels' labels replace the previous version's there (a correction); elsewhere the previous version
+        is kept. Re-adding voxels already annotated with the same labels (and no new unit) is idempotent: the
+        latest record is returned with ``created=False``.
+
+        Args:
+            case_id: a pool case.
+            label: integer ``[D, H, W]`` (values 0..255); only the voxels in ``annotated`` are read.
+            annotated: bool ``[D, H, W]``, the voxels this annotation covers.
+            source: ``"simulated"`` or ``"human"``.
+            annotator: who made it.
+            units: slice unit ids this annotation covers (``"<case>@<axis>:<index>"``), kept in the record.
+            tag: the label tag (``final`` is what training reads).
+            info: extra JSON-able details kept in the record.
+
+        Returns:
+            The new record (``partial`` True, ``units`` every unit annotated so far).
+        """
+        self.check_id(case_id)
+        if source not in SOURCES:
+            raise LabelStoreError(f"label source must be one of {SOURCES}, got {source!r}")
+        self._check_tag(tag)
+        arr = self._check_label(case_id, label)
+        mask = np.asarray(annotated)
+        if mask.shape != arr.shape:
+            raise LabelStoreError(f"case {case_id!r}: annotated mask {mask.shape} does not match label {arr.shape}")
+        mask = mask.astype(bool)
+        with self.lock():
             self._size = -1
-        log.info("label store: %s v%d (%s, %s, %s)", case_id, version, tag, source, annotator)
-        return LabelRecord.from_record(rec)
+            hist = self.history(case_id, tag)
+            if hist:
+                old, old_mask = self.read_masked(case_id, tag=tag)
+                if old.shape != arr.shape:
+                    raise LabelStoreError(f"case {case_id!r}: label {arr.shape} does not match the stored "
+                                          f"{old.shape}")
+                old_units = list(hist[-1].units)
+            else:
+                old, old_mask, old_units = np.zeros_like(arr), np.zeros(arr.shape, dtype=bool), []
+            new = np.where(mask, arr, old).astype(np.uint8)
+            new_mask = old_mask | mask
+            all_units = list(dict.fromkeys([*old_units, *map(str, units)]))
+            if hist and np.array_equal(new, old) and np.array_equal(new_mask, old_mask) and all_units == old_units:
+                return dataclasses.replace(hist[-1], created=False)
+            if hist and not hist[-1].partial:  # a whole-volume label stays whole (every voxel already annotated)
+                new_mask = None
+            rec = self._commit(case_id, tag, source, annotator, new, new_mask, all_units, info)
+        log.info("label store: %s v%d (%s, %s, %s, %d annotated voxels)", case_id, rec.version, tag, source,
+                 annotator, rec.annotated_voxels if rec.partial else arr.size)
+        return rec
+
+    def put_pseudo(self, case_id: str, label: np.ndarray, filled: np.ndarray, round_index: int,
+                   annotator: str = "propagation", info: dict[str, Any] | None = None) -> LabelRecord:
+        """Replace a case's pseudo-labels (tag ``pseudo``, source ``pseudo``; never annotation cost).
+
+        Args:
+            case_id: a pool case.
+            label: integer ``[D, H, W]`` pseudo-labels; only the voxels in ``filled`` are kept (0 elsewhere).
+            filled: bool ``[D, H, W]``, the voxels pseudo-labelled; an all-False mask clears the case's pseudo-labels.
+            round_index: the round whose propagation stage produced them (kept in ``info["round"]``).
+            annotator: the stage's name.
+            info: extra JSON-able details.
+
+        Raises:
+            LabelStoreError: ``filled`` overlaps voxels somebody annotated (``final`` label), or bad shapes.
+        """
+        self.check_id(case_id)
+        arr = self._check_label(case_id, label)
+        mask = np.asarray(filled)
+        if mask.shape != arr.shape:
+            raise LabelStoreError(f"case {case_id!r}: pseudo-label mask {mask.shape} does not match label "
+                                  f"{arr.shape}")
+        mask = mask.astype(bool)
+        arr = np.where(mask, arr, 0).astype(np.uint8)
+        with self.lock():
+            self._size = -1
+            if self.history(case_id, "final"):
+                _, annotated = self.read_masked(case_id)
+                if annotated.shape != arr.shape:
+                    raise LabelStoreError(f"case {case_id!r}: pseudo-label {arr.shape} does not match the annotated "
+                                          f"label {annotated.shape}")
+                overlap = int((annotated & mask).sum())
+                if overlap:
+                    raise LabelStoreError(f"case {case_id!r}: pseudo-labels overlap {overlap} annotated voxel(s); a "
+                                          "propagation stage may only fill voxels nobody annotated")
+            hist = self.history(case_id, PSEUDO_TAG)
+            if hist:
+                old, old_mask = self.read_masked(case_id, tag=PSEUDO_TAG)
+                if np.array_equal(old, arr) and np.array_equal(old_mask, mask):
+                    return dataclasses.replace(hist[-1], created=False)
+            elif not mask.any():
+                return LabelRecord(case_id, 0, PSEUDO_TAG, PSEUDO_TAG, annotator, time.time(), label_digest(arr),
+                                   tuple(arr.shape), 0, "", created=False, annotated_voxels=0)
+            rec = self._commit(case_id, PSEUDO_TAG, PSEUDO_TAG, annotator, arr, mask, (),
+                               {**(info or {}), "round": int(round_index)})
+        log.info("label store: %s v%d pseudo-labels of round %d (%d voxels)", case_id, rec.version, round_index,
+                 rec.annotated_voxels)
+        return rec
 
 
 class LabelledStore:
@@ -282,6 +480,37 @@ class LabelledStore:
         return StoredCase(case.case_id, case.image, label, case.spacing, case.split)
 
     def label_version(self, case_id: str) -> int | None:
-        """The latest ``final`` version of a case (a changed version makes training re-read the case)."""
-        rec = self.labels.latest(case_id)
-        return rec.version if rec is not None else None
+        """The latest version of a case's ``final`` or ``pseudo`` label (versions count per case across tags, so a
+        correction, a new slice or a new round's pseudo-labels all change it and make training re-read the case)."""
+        versions = [r.version for r in self.labels.history(case_id) if r.tag in ("final", PSEUDO_TAG)]
+        return max(versions) if versions else None
+
+    def training_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What training reads: ``(image float32 [C, D, H, W], label uint8 [D, H, W], mask bool [D, H, W] | None)``.
+
+        The label is the annotated voxels' (``final``) with the latest pseudo-labels filled in where nobody
+        annotated; the mask marks the voxels the loss may use (annotated or pseudo-labelled). ``mask`` is None for a
+        whole-volume label without pseudo-labels (every voxel counts, as before slice units).
+
+        Raises:
+            ValueError: the case has neither an annotated nor a pseudo-label.
+        """
+        case = self.store.get(case_id)
+        grid = tuple(case.image.shape[1:])
+        has_final = bool(self.labels.history(case_id, "final"))
+        has_pseudo = bool(self.labels.history(case_id, PSEUDO_TAG))
+        if not has_final and not has_pseudo:
+            raise ValueError(f"case {case_id!r} has no label in the label store; only labelled cases can be trained on")
+        label, mask = (self.labels.read_masked(case_id) if has_final
+                       else (np.zeros(grid, np.uint8), np.zeros(grid, bool)))
+        if label.shape != grid:
+            raise LabelStoreError(f"case {case_id!r}: stored label {label.shape} does not match the image grid {grid}")
+        full = has_final and not self.labels.latest(case_id).partial
+        if has_pseudo:
+            pseudo, filled = self.labels.read_masked(case_id, tag=PSEUDO_TAG)
+            if filled.any():
+                filled = filled & ~mask  # annotations win (the store refuses overlaps; a later slice may add one)
+                label = np.where(filled, pseudo, label).astype(np.uint8)
+                mask = mask | filled
+                full = False
+        return case.image, label, (None if full else mask)

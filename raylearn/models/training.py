@@ -9,7 +9,9 @@ checkpoint draws exactly the batches an uninterrupted run draws.
 
 When the padded volumes fit in one patch (``patch_size: auto``), whole volumes train; otherwise
 foreground-biased random crops of the patch (MONAI ``RandCropByPosNegLabeld``). Augmentation is declared per
-axis (:class:`~raylearn.models.config.AugmentConfig`); loss MONAI ``DiceCELoss``; optimiser Adam / AdamW /
+axis (:class:`~raylearn.models.config.AugmentConfig`); loss MONAI ``DiceCELoss`` (:class:`MaskedDiceCELoss`: partial
+labels of slice units mark the voxels nobody annotated ``IGNORE`` = -1 in the cached label, which the crops and
+augmentations carry like any label value, and the loss leaves out); optimiser Adam / AdamW /
 SGD; schedule ``torch.optim.lr_scheduler`` (linear warm-up, then constant / cosine / polynomial over the
 run's whole step budget); optional EMA of the weights (``torch.optim.swa_utils.AveragedModel``).
 """
@@ -28,7 +30,9 @@ from torch import nn
 from raylearn.models.config import ModelConfig, TrainConfig
 
 __all__ = [
+    "IGNORE",
     "CaseCache",
+    "MaskedDiceCELoss",
     "batch_indices",
     "check_init_checkpoint",
     "ddp_param_spread",
@@ -44,6 +48,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: label value of the voxels nobody annotated (partial labels); never a class, left out of the loss
+IGNORE = -1
 
 
 def split_validation(labeled_ids: Sequence[str], train_cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -111,8 +118,10 @@ class CaseCache:
 
     Args:
         patch: training patch ``(D, H, W)``; each case is centre-padded with zeros to at least this size.
-        reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` (images from the pool store, labels from
-            the label store: :class:`raylearn.annotation.labels.LabelledStore`).
+        reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` or ``(image, label, mask bool [D,H,W] |
+            None)`` (images from the pool store, labels from the label store:
+            :meth:`raylearn.annotation.labels.LabelledStore.training_case`). Voxels outside ``mask`` (nobody
+            annotated them) are cached as :data:`IGNORE`.
         version_of: ``version_of(case_id) -> int | None``, the label's current version; a cached case whose label
             got a new version (a correction) is read again by :meth:`ensure`.
     """
@@ -140,13 +149,20 @@ class CaseCache:
             version = self._version_of(cid) if self._version_of is not None else None
             if cid in self._cases and self._versions.get(cid) == version:
                 continue
-            image, label = self._reader(cid)
-            image, label = np.asarray(image), np.asarray(label)
+            got = self._reader(cid)
+            image, label = np.asarray(got[0]), np.asarray(got[1])
+            mask = got[2] if len(got) > 2 else None
             if image.ndim != 4 or label.shape != image.shape[1:]:
                 raise ValueError(f"case {cid!r}: image must be [C,D,H,W] and label [D,H,W] on the same grid, "
                                  f"got {image.shape} and {label.shape}")
+            label = np.array(label, dtype=np.float32)
+            if mask is not None:
+                mask = np.asarray(mask, dtype=bool)
+                if mask.shape != label.shape:
+                    raise ValueError(f"case {cid!r}: label mask {mask.shape} does not match the label {label.shape}")
+                label[~mask] = IGNORE
             item = {"image": torch.from_numpy(np.array(image, dtype=np.float32)),
-                    "label": torch.from_numpy(np.array(label, dtype=np.float32)[None])}
+                    "label": torch.from_numpy(label[None])}
             item = self._pad(item)
             self._cases[cid] = {k: torch.as_tensor(v).contiguous() for k, v in item.items()}
             self._versions[cid] = version
@@ -193,16 +209,45 @@ def sample_batch(cache: CaseCache, ids: Sequence[str], transform, batch_size: in
     return torch.stack(xs).float(), torch.stack(ys).round().long()
 
 
-def make_loss(model_cfg: ModelConfig | None = None) -> nn.Module:
-    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` (MONAI); for
-    ``model.arch: sbc_unet`` SBC-AL's joint loss over its three outputs (:class:`raylearn.models.sbc.SBCLoss`)."""
-    from monai.losses import DiceCELoss
+class MaskedDiceCELoss(nn.Module):
+    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` that leaves out
+    the voxels labelled :data:`IGNORE` (nobody annotated them).
 
+    Without an ignored voxel it is MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` itself (whole-volume
+    labels train exactly as before slice units). Otherwise MONAI's ``MaskedDiceLoss`` (softmax and one-hot target
+    multiplied by the annotated mask, per sample and class as ``DiceLoss``) plus torch's cross-entropy with
+    ``ignore_index`` (the mean over annotated voxels): the loss does not depend on the labels of ignored voxels.
+    A batch with no annotated voxel at all gives 0 (with a gradient of zeros).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceCELoss, MaskedDiceLoss
+
+        self.full = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
+        self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name)
+        mask = target != IGNORE
+        if bool(mask.all()):
+            return self.full(input, target)
+        if not bool(mask.any()):
+            return (input * 0.0).sum()
+        target = target.long()
+        dice = self.dice(input, torch.where(mask, target, torch.zeros_like(target)), mask=mask.to(input.dtype))
+        return dice + self.ce(input, target[:, 0])
+
+
+def make_loss(model_cfg: ModelConfig | None = None) -> nn.Module:
+    """Dice + cross-entropy on softmax logits ``[B,K,...]`` against integer labels ``[B,1,...]`` (MONAI), leaving out
+    voxels nobody annotated (:class:`MaskedDiceCELoss`); for ``model.arch: sbc_unet`` SBC-AL's joint loss over its
+    three outputs (:class:`raylearn.models.sbc.SBCLoss`; whole-volume labels only)."""
     if model_cfg is not None and model_cfg.arch == "sbc_unet":
         from raylearn.models.sbc import SBCLoss
 
         return SBCLoss(model_cfg.sbc.alpha, model_cfg.sbc.beta, model_cfg.sbc.gamma)
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    return MaskedDiceCELoss()
 
 
 def make_optimizer(params, train_cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -30,12 +30,14 @@ from pydantic import Field, field_validator
 from raylearn.config import StrictModel
 from raylearn.models.base import Segmenter
 from raylearn.scoring import uncertainty as unc
-from raylearn.scoring.reduce import foreground_volume, reduce_map
+from raylearn.scoring.reduce import foreground_volume, reduce_map, reduce_slices
 from raylearn.scoring.sbc import sbc_case_scores
 
 __all__ = [
     "FEATURES",
     "LABEL_FEATURES",
+    "SLICE_FEATURES",
+    "UNIT_FEATURES",
     "FeatureParams",
     "FeatureSpec",
     "compute_features",
@@ -94,6 +96,20 @@ LABEL_FEATURES: dict[str, FeatureSpec] = {
     ),
 }
 
+#: scalar features that also exist per slice (``compute_features(..., slice_axis=a)``): the voxel map reduced over
+#: each slice along axis ``a`` (:func:`raylearn.scoring.reduce.reduce_slices`), ``float32 [n_slices]`` per case
+SLICE_FEATURES = frozenset(
+    {"least_confidence", "entropy", "margin", "mc_entropy", "bald", "mc_variance", "tta_variance"})
+
+#: features the loop supplies per slice unit, never a model or the shards (see :mod:`raylearn.units`)
+UNIT_FEATURES: dict[str, FeatureSpec] = {
+    "propagation_score": FeatureSpec(
+        "the pseudo-labelling stage's score of each slice unit (PropagationResult.unit_scores; higher = ask first), "
+        "float [N]; NaN for units it did not score (strategies requiring it must handle NaN)",
+        frozenset(),
+    ),
+}
+
 _PROB = {"least_confidence", "entropy", "margin", "fg_volume", "weighted_embedding", "class_entropy"}
 _MC = {"mc_entropy", "bald", "mc_variance"}
 
@@ -125,10 +141,10 @@ class FeatureParams(StrictModel):
 def validate_feature_names(names: Iterable[str], allow_label: bool = False) -> list[str]:
     """Return the unique names in order, or raise ``ValueError`` naming unknown ones and listing the known.
 
-    ``allow_label`` also accepts the ground-truth :data:`LABEL_FEATURES` (strategies may require them; a model
-    never computes them)."""
+    ``allow_label`` also accepts the ground-truth :data:`LABEL_FEATURES` and the loop's :data:`UNIT_FEATURES`
+    (strategies may require them; a model never computes them)."""
     out = list(dict.fromkeys(names))
-    known = {**FEATURES, **LABEL_FEATURES} if allow_label else FEATURES
+    known = {**FEATURES, **LABEL_FEATURES, **UNIT_FEATURES} if allow_label else FEATURES
     unknown = [n for n in out if n not in known]
     if unknown:
         raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(sorted(known))}")
@@ -136,8 +152,10 @@ def validate_feature_names(names: Iterable[str], allow_label: bool = False) -> l
 
 
 def model_features(names: Iterable[str]) -> list[str]:
-    """The names (sorted) a model computes, i.e. without the ground-truth :data:`LABEL_FEATURES`."""
-    return sorted(n for n in validate_feature_names(names, allow_label=True) if n not in LABEL_FEATURES)
+    """The names (sorted) a model computes, i.e. without the ground-truth :data:`LABEL_FEATURES` and the loop's
+    :data:`UNIT_FEATURES`."""
+    return sorted(n for n in validate_feature_names(names, allow_label=True)
+                  if n not in LABEL_FEATURES and n not in UNIT_FEATURES)
 
 
 def label_feature_records(store, ids: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -218,8 +236,9 @@ def compute_features(
     image: np.ndarray,
     names: Iterable[str],
     params: FeatureParams | None = None,
+    slice_axis: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Compute exactly the requested features of one case.
+    """Compute exactly the requested features of one case (or of each of its slices).
 
     Args:
         segmenter: any :class:`Segmenter` (``predict_proba`` always; ``predict_mc`` / ``predict_tta`` / ``embed``
@@ -227,12 +246,20 @@ def compute_features(
         image: ``float32 [C, D, H, W]``.
         names: feature names (keys of :data:`FEATURES`); duplicates are ignored.
         params: :class:`FeatureParams` (defaults when ``None``).
+        slice_axis: slice units: every scalar feature is reduced per slice along this axis (0, 1 or 2 of
+            ``[D, H, W]``) instead of over the volume; only :data:`SLICE_FEATURES` exist per slice.
 
     Returns:
-        ``{name: array}`` with exactly the requested names: scalars as ``float32`` 0-d arrays, embeddings
-        ``float16 [F]``, ``fg_volume`` ``float32 [K-1]``, ``class_entropy`` ``float32 [K]``.
+        ``{name: array}`` with exactly the requested names: scalars as ``float32`` 0-d arrays (``float32 [S]``, one
+        per slice along ``slice_axis``, when it is given), embeddings ``float16 [F]``, ``fg_volume`` ``float32
+        [K-1]``, ``class_entropy`` ``float32 [K]``.
     """
     wanted = set(validate_feature_names(names))
+    if slice_axis is not None:
+        per_case = sorted(wanted - SLICE_FEATURES)
+        if per_case:
+            raise ValueError(f"feature(s) {per_case} exist per case only, not per slice (slice units); "
+                             f"per-slice features: {', '.join(sorted(SLICE_FEATURES))}")
     params = params or FeatureParams()
     image = np.asarray(image)
     if image.ndim != 4:
@@ -245,13 +272,18 @@ def compute_features(
     red = {"reduction": params.reduction, "topk": params.topk}
     out: dict[str, np.ndarray] = {}
 
+    def reduced(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        if slice_axis is None:
+            return _scalar(reduce_map(values, labels=labels, **red))
+        return reduce_slices(values, slice_axis, labels=labels, **red).astype(np.float32)
+
     probs = None
     if "tta_variance" in wanted:
         tta = _check_output(
             _call(segmenter, "predict_tta", wanted, image, params.tta_flips), 5, k, spatial, "predict_tta"
         )
         tta_labels = tta.mean(axis=0).argmax(axis=0)
-        out["tta_variance"] = _scalar(reduce_map(unc.tta_variance(tta), labels=tta_labels, **red))
+        out["tta_variance"] = reduced(unc.tta_variance(tta), tta_labels)
         if () in params.tta_flips:
             probs = tta[params.tta_flips.index(())]
     if wanted & _PROB:
@@ -267,7 +299,7 @@ def compute_features(
 
         for name in ("least_confidence", "entropy", "margin"):
             if name in wanted:
-                out[name] = _scalar(reduce_map(vmap(name), labels=labels, **red))
+                out[name] = reduced(vmap(name), labels)
         if "fg_volume" in wanted:
             out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
         if "class_entropy" in wanted:  # always the plain volume mean: nnActive averages over the queried region
@@ -284,7 +316,7 @@ def compute_features(
         mc_labels = mc.mean(axis=0).argmax(axis=0)
         fns = {"mc_entropy": unc.predictive_entropy, "bald": unc.bald, "mc_variance": unc.mc_variance}
         for name in sorted(wanted & _MC):
-            out[name] = _scalar(reduce_map(fns[name](mc), labels=mc_labels, **red))
+            out[name] = reduced(fns[name](mc), mc_labels)
     if "sbc_consistency" in wanted:
         coarse, sfp, refined = _call(segmenter, "predict_heads", wanted, image)
         _check_output(coarse, 4, k, spatial, "predict_heads (coarse)")

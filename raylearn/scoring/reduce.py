@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["REDUCTIONS", "area_resize", "foreground_volume", "reduce_map", "topk_count", "weighted_pool"]
+__all__ = ["REDUCTIONS", "area_resize", "foreground_volume", "reduce_map", "reduce_slices", "topk_count",
+           "weighted_pool"]
 
 #: names accepted by :func:`reduce_map`
 REDUCTIONS = ("mean", "sum", "topk_mean", "foreground", "class_mean")
@@ -84,6 +85,49 @@ def reduce_map(
         present = counts > 0
         return float((sums[present] / counts[present]).mean())
     raise ValueError(f"unknown reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
+
+
+def reduce_slices(
+    values: np.ndarray,
+    axis: int,
+    reduction: str = "mean",
+    *,
+    topk: float = 0.05,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Reduce a voxel map to one score per slice along ``axis``: the volume reduction of each slice (slice units).
+
+    Slice ``i`` scores ``reduce_map(values.take(i, axis), reduction, topk=topk, labels=labels.take(i, axis))``, so a
+    slice score is exactly what :func:`reduce_map` gives for a volume made of that slice alone (``topk_mean``'s
+    ``k`` is counted on the slice's voxels; ``foreground`` falls back to the slice mean when the slice has no
+    predicted foreground).
+
+    Args:
+        values: ``[D, H, W]`` voxel map.
+        axis: 0, 1 or 2, the slicing axis of the ``[D, H, W]`` grid.
+        reduction: see :func:`reduce_map`.
+        topk: see :func:`reduce_map`.
+        labels: predicted label map ``[D, H, W]`` (``foreground`` and ``class_mean``).
+
+    Returns:
+        ``float64 [values.shape[axis]]``.
+    """
+    values = np.asarray(values)
+    if values.ndim != 3:
+        raise ValueError(f"reduce_slices: expected a [D, H, W] voxel map, got shape {values.shape}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"reduce_slices: axis must be 0, 1 or 2, got {axis!r}")
+    if labels is not None and np.shape(labels) != values.shape:
+        raise ValueError(f"reduce_slices: labels shape {np.shape(labels)} != values shape {values.shape}")
+    if reduction == "mean":
+        other = tuple(a for a in range(3) if a != axis)
+        return values.mean(axis=other, dtype=np.float64)
+    if reduction == "sum":
+        other = tuple(a for a in range(3) if a != axis)
+        return values.sum(axis=other, dtype=np.float64)
+    return np.array([reduce_map(values.take(i, axis=axis), reduction, topk=topk,
+                                labels=None if labels is None else np.asarray(labels).take(i, axis=axis))
+                     for i in range(values.shape[axis])], dtype=np.float64)
 
 
 def foreground_volume(labels: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None) -> np.ndarray:

@@ -33,7 +33,8 @@ class PoolView:
     """A read-only view of the pool handed to a strategy.
 
     Attributes:
-        ids: ``[N]`` case ids (str), unique.
+        ids: ``[N]`` case ids (str), unique; slice unit ids (``"<case>@<axis>:<index>"``, :mod:`raylearn.units`)
+            in a ``unit: slice`` run, where every feature is per slice.
         labeled_mask: ``bool [N]``, True where the case is already labelled.
         features: name -> array aligned with ``ids`` on axis 0: scalar scores ``[N]``, embeddings ``[N, F]``,
             ``fg_volume`` ``[N, K-1]``. Rows of labelled cases may be NaN (not scored) except for strategies whose
@@ -154,6 +155,9 @@ class QueryStrategy(ABC):
     name: ClassVar[str] = ""
     #: features the strategy always needs (see :data:`raylearn.scoring.features.FEATURES`)
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: annotation units it selects (``"volume"``, ``"slice"``; see :mod:`raylearn.units`); None = derived from the
+    #: features (:meth:`supported_units`)
+    units: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, *, random_state: int | None = 0) -> None:
         self.random_state = random_state
@@ -179,6 +183,19 @@ class QueryStrategy(ABC):
         cold-start strategies with ``source: auto`` use their extractor's features at round 0 and the
         segmenter's afterwards."""
         return self
+
+    def supported_units(self) -> frozenset[str]:
+        """The annotation units this configured instance can select: ``units`` when the class sets it, else
+        ``volume`` always and ``slice`` when every required feature exists per slice
+        (:data:`~raylearn.scoring.features.SLICE_FEATURES`, :data:`~raylearn.scoring.features.UNIT_FEATURES`)
+        and it reads no labelled cases' features (a slice's score is its voxel map reduced over the slice; a
+        strategy on case-level embeddings, vectors or ground truth has no slice version)."""
+        if type(self).units is not None:
+            return frozenset(type(self).units)
+        from raylearn.scoring.features import SLICE_FEATURES, UNIT_FEATURES
+
+        per_slice = self.required_features() <= (SLICE_FEATURES | set(UNIT_FEATURES))
+        return frozenset({"volume", "slice"} if per_slice and not self.needs_labeled_features() else {"volume"})
 
     def needs_labeled_features(self) -> bool:
         """Whether :meth:`select` also reads the required features of the *labelled* cases (so the pool must
@@ -214,7 +231,9 @@ class QueryStrategy(ABC):
             raise ValueError(
                 f"{self.name}: pool lacks required feature(s) {missing} (has: {sorted(pool.features) or 'none'})"
             )
-        for name in sorted(self.required_features()):
+        from raylearn.scoring.features import UNIT_FEATURES
+
+        for name in sorted(self.required_features() - set(UNIT_FEATURES)):  # unit features are NaN where absent
             arr = pool.features[name]
             if not np.all(np.isfinite(arr[~pool.labeled_mask])):
                 raise ValueError(f"{self.name}: feature {name!r} has non-finite values for unlabelled cases")
@@ -225,7 +244,7 @@ class QueryStrategy(ABC):
                 )
 
     def select(self, pool: PoolView, budget: int) -> np.ndarray:
-        """Choose ``budget`` unique unlabelled case ids.
+        """Choose ``budget`` unique unlabelled case ids (slice unit ids in a ``unit: slice`` run).
 
         Args:
             pool: the pool with the features in :meth:`required_features`.
@@ -280,9 +299,9 @@ def build_strategy(name: str, **params: Any) -> QueryStrategy:
         raise ValueError(f"strategy {name!r}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
     strategy = cls(**params)
     from raylearn.scoring.coldstart import EXTRACTOR_FEATURES
-    from raylearn.scoring.features import FEATURES, LABEL_FEATURES
+    from raylearn.scoring.features import FEATURES, LABEL_FEATURES, UNIT_FEATURES
 
-    known = set(FEATURES) | set(LABEL_FEATURES) | set(EXTRACTOR_FEATURES)
+    known = set(FEATURES) | set(LABEL_FEATURES) | set(EXTRACTOR_FEATURES) | set(UNIT_FEATURES)
     bad = sorted(strategy.required_features() - known)
     if bad:
         raise ValueError(f"strategy {name!r}: unknown feature(s) {bad}; known features: {', '.join(sorted(known))}")

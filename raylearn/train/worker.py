@@ -102,7 +102,7 @@ class _Loop:
                 self.seg.load_state_dict(init["state_dict"])
         self.model = ray.train.torch.prepare_model(self.seg.network, move_to_device=self.device)
         # labels come from the label store (a LabelledStore); a corrected label is read again
-        self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_case,
+        self.cache = T.CaseCache(self.model_cfg.patch_size, self._read_training_case,
                                  version_of=getattr(self.store, "label_version", None))
         self.transform = None
         self.loss_fn = T.make_loss(self.model_cfg)
@@ -120,6 +120,12 @@ class _Loop:
         if case.label is None:
             raise ValueError(f"case {cid!r} has no label in the label store; only labelled cases can be trained on")
         return case.image, case.label
+
+    def _read_training_case(self, cid: str):
+        """``(image, label, mask | None)``: partial labels (slice units) and pseudo-labels come with the mask of the
+        voxels the loss may use (:meth:`raylearn.annotation.labels.LabelledStore.training_case`)."""
+        reader = getattr(self.store, "training_case", None)
+        return reader(cid) if reader is not None else self._read_case(cid)
 
     def _restore(self, d: Path) -> None:
         self._load_train_state(torch.load(d / STATE_FILE, map_location="cpu", weights_only=False), attempt_offset=1)
