@@ -21,11 +21,15 @@ __all__ = ["share_round0"]
 
 log = logging.getLogger(__name__)
 
-_ROUND0_KEYS = ("seed", "data", "cold_start", "train")
+_ROUND0_KEYS = ("seed", "data", "cold_start", "train", "unit")
 
 
-def share_round0(other_dir: Path, ledger: Ledger, cfg_json: dict, model_cfg, out: Path) -> bool:
-    """Copy ``other_dir``'s round-0 selection (and model when shareable) into ``ledger``; True if the model was."""
+def share_round0(other_dir: Path, ledger: Ledger, cfg_json: dict, model_cfg, out: Path,
+                 share_model: bool = True) -> bool:
+    """Copy ``other_dir``'s round-0 selection (and model when shareable) into ``ledger``; True if the model was.
+
+    ``share_model=False`` (this run's strategy pseudo-labels before training, slice units), or a pseudo-labelling
+    stage in the other run's round 0, keep the selection only: the round-0 model depends on the pseudo-labels."""
     other = Ledger(Path(other_dir) / "ledger.jsonl", readonly=True)
     sel = other.selection(0)
     if sel is None:
@@ -34,6 +38,8 @@ def share_round0(other_dir: Path, ledger: Ledger, cfg_json: dict, model_cfg, out
     rec = next((r for r in other.rounds() if r["round"] == 0), None)
     hdr = other.header()
     if rec is None or hdr is None or any(hdr["config"].get(k) != cfg_json.get(k) for k in _ROUND0_KEYS):
+        return False
+    if not share_model or other.propagation(0) is not None:
         return False
     if hdr.get("model_resolved") != model_cfg.model_dump(mode="json"):
         return False  # e.g. MC-dropout strategies train with dropout, others without

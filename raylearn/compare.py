@@ -99,19 +99,20 @@ def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[
             first_dir = first_dir or run_dir
     reference = float(sum(references) / len(references)) if references else None
     rows = summarise_runs(curves, reference=reference)
-    table = format_table(rows)
+    table = format_table(rows, unit=base.unit.kind)
     baseline = best_random_baseline(rows)
     paired = paired_comparison(rows, baseline) if baseline is not None and len(rows) > 1 else []
     if paired:
         table += (f"\n\nPaired by seed against the best random baseline ({baseline}, by ALC):\n"
                   + format_paired(paired, rows[0]["fractions"]))
-    result = {"strategies": list(strategies), "seeds": list(seeds), "reference_dice": reference, "rows": rows,
+    result = {"strategies": list(strategies), "seeds": list(seeds), "unit": base.unit.kind,
+              "reference_dice": reference, "rows": rows,
               "baseline": baseline, "paired": paired, "table": table}
     tmp = out / "compare.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "compare.json")
     (out / "compare.md").write_text(table + "\n")
-    plot_compare(rows, out / "compare.png", reference=reference, title=base.name)
+    plot_compare(rows, out / "compare.png", reference=reference, title=base.name, unit=base.unit.kind)
     return result
 
 

@@ -73,10 +73,16 @@ def _mpl():
     return plt
 
 
+def cost_label(unit: str | None) -> str:
+    """The x axis of a learning curve: ``% of pool labelled`` (volumes) or ``% of pool slices labelled``."""
+    return "% of pool slices labelled" if unit == "slice" else "% of pool labelled"
+
+
 def plot_learning_curve(rounds: Sequence[Mapping], path: str | Path, class_names: Mapping[int, str] | None = None,
                         reference: float | None = None, title: str = "") -> Path:
-    """Dice vs % of pool labelled, per class and mean; a dashed line at the full-data Dice if known. When every
-    round carries ``fraction_fg_labelled``, a second panel plots mean Dice against % of the pool's foreground."""
+    """Dice vs % of pool labelled (of its slices when the rounds carry ``unit: slice``), per class and mean; a dashed
+    line at the full-data Dice if known. When every round carries ``fraction_fg_labelled``, a second panel plots
+    mean Dice against % of the pool's foreground."""
     plt = _mpl()
     x = [100.0 * r["fraction_labelled"] for r in rounds]
     fg = [r.get("fraction_fg_labelled") for r in rounds]
@@ -103,7 +109,7 @@ def plot_learning_curve(rounds: Sequence[Mapping], path: str | Path, class_names
             label="Dice mean")
     if reference is not None:
         ax.axhline(reference, ls="--", color="grey", label=f"full pool ({reference:.3f})")
-    ax.set_xlabel("% of pool labelled")
+    ax.set_xlabel(cost_label(rounds[-1].get("unit") if rounds else None))
     ax.set_ylabel("Dice (test split)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -281,9 +287,11 @@ def format_paired(comparisons: Sequence[Mapping], fractions: Sequence[float]) ->
     return "\n".join(lines)
 
 
-def plot_compare(rows: Sequence[Mapping], path: str | Path, reference: float | None = None, title: str = "") -> Path:
-    """One line per strategy (mean Dice, shaded ± sd) against % labelled; when every row has ``fg_fractions``, a
-    second panel against % of the pool's foreground labelled (the cost in foreground)."""
+def plot_compare(rows: Sequence[Mapping], path: str | Path, reference: float | None = None, title: str = "",
+                 unit: str | None = None) -> Path:
+    """One line per strategy (mean Dice, shaded ± sd) against % labelled (of the pool's slices with
+    ``unit="slice"``); when every row has ``fg_fractions``, a second panel against % of the pool's foreground
+    labelled (the cost in foreground)."""
     plt = _mpl()
     has_fg = bool(rows) and all("fg_fractions" in r for r in rows)
     if has_fg:
@@ -307,7 +315,7 @@ def plot_compare(rows: Sequence[Mapping], path: str | Path, reference: float | N
         a.set_ylabel("mean Dice (test split)")
         a.grid(alpha=0.3)
         a.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel("% of pool labelled")
+    ax.set_xlabel(cost_label(unit))
     ax.set_title(title or "Strategies compared")
     if has_fg:
         ax_fg.set_xlabel("% of pool foreground voxels labelled")
@@ -323,11 +331,14 @@ def _opt(v, fmt: str) -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
-def format_table(rows: Sequence[Mapping]) -> str:
+def format_table(rows: Sequence[Mapping], unit: str | None = None) -> str:
     """A plain-text table like the papers': mean ± sd Dice at each labelled %, ALC, S%, S95% and, when known, the
-    % of the pool's foreground labelled at the end and the foreground efficiency (FG-Eff ± sd)."""
+    % of the pool's foreground labelled at the end and the foreground efficiency (FG-Eff ± sd). With
+    ``unit="slice"`` every % (columns, S%, S95%) is of the pool's slices, said in a first line."""
     if not rows:
         return "(no runs)"
+    if unit == "slice":
+        return "Cost: % of the pool's slices labelled (unit: slice)\n\n" + format_table(rows)
     fr = rows[0]["fractions"]
     has_fg = any("fg_fractions" in r for r in rows)
     has_eff = any("fg_eff" in r for r in rows)

@@ -196,8 +196,10 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
 
     if cold_start_from is not None and ledger.selection(0) is None:
         from raylearn.cold_start import share_round0
+        from raylearn.propagation import has_stage
 
-        share_round0(Path(cold_start_from), ledger, _config_json(cfg), model_cfg, out)
+        stage = cfg.unit.kind == "slice" and has_stage(build_strategy(cfg.strategy.name, **cfg.strategy.params))
+        share_round0(Path(cold_start_from), ledger, _config_json(cfg), model_cfg, out, share_model=not stage)
     rounds = ledger.rounds()
     tracker = _start_tracking(cfg, out, chash, rounds)  # before Ray work: a bad tracking key fails fast
     labeled: list[str] = [cid for r in rounds for cid in r["selected"]]  # unit ids (case ids for volume units)

@@ -3,7 +3,9 @@
 Cost is counted in cases (``fraction_labelled``) and in foreground (``fraction_fg_labelled``: the labelled share of
 the pool's ground-truth foreground voxels, nnActive's ``percentage_of_voxels_foreground``,
 MIC-DKFZ/nnActive ``nnactive/analyze/experiment_statistics.py`` lines 64-70 and 312-319), so a strategy that picks
-large-foreground cases is not credited for free.
+large-foreground cases is not credited for free. With slice units (``unit: slice``) cases are slices:
+``n_labeled`` / ``fraction_labelled`` count the pool's slices, rounds.csv adds ``unit`` and ``n_cases_labelled``
+columns, the summary says ``"unit": "slice"``, and S% (:mod:`raylearn.curves`) is in % of slices.
 """
 
 from __future__ import annotations
@@ -64,16 +66,19 @@ def write_outputs(out: Path, rounds: list[dict], class_names: dict[int, str], re
     if not rounds:
         return
     metric_keys = sorted({k for r in rounds for k in r["metrics"]})
+    slices = any(r.get("unit") == "slice" for r in rounds)
     with open(out / "rounds.csv.tmp", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["round", "n_labeled", "fraction_labelled", "fg_labelled_voxels", "fraction_fg_labelled",
-                    *metric_keys, *TIMINGS, "selected"])
+                    *metric_keys, *TIMINGS, *(("unit", "n_cases_labelled") if slices else ()), "selected"])
         for r in rounds:
             t = r["timings"]
             w.writerow([r["round"], r["n_labeled"], f"{r['fraction_labelled']:.4f}", r.get("fg_labelled_voxels", ""),
                         _fmt_fraction(r.get("fraction_fg_labelled")),
                         *[r["metrics"].get(k, "") for k in metric_keys],
-                        *[f"{t.get(k, 0.0):.2f}" for k in TIMINGS], " ".join(r["selected"])])
+                        *[f"{t.get(k, 0.0):.2f}" for k in TIMINGS],
+                        *((r.get("unit", "volume"), r.get("n_cases_labelled", "")) if slices else ()),
+                        " ".join(r["selected"])])
     os.replace(out / "rounds.csv.tmp", out / "rounds.csv")
     plot_learning_curve(rounds, out / "learning_curve.png", class_names=class_names, reference=reference,
                         title=title)
@@ -91,7 +96,9 @@ def round_line(r: dict) -> str:
     m, t = r["metrics"], r["timings"]
     fg = r.get("fraction_fg_labelled")
     fg_part = "" if fg is None else f" fg {100 * fg:5.1f}%"
-    return (f"round {r['round']:>2} | labelled {r['n_labeled']:>4} ({100 * r['fraction_labelled']:5.1f}%{fg_part}) | "
+    what = " slices" if r.get("unit") == "slice" else ""
+    return (f"round {r['round']:>2} | labelled {r['n_labeled']:>4}{what} "
+            f"({100 * r['fraction_labelled']:5.1f}%{fg_part}) | "
             f"Dice {_metric(m, 'dice_mean'):.3f} | NSD (P2P) {_metric(m, 'symdiff_pct_mean', 'nsd_mean'):6.2f}% | "
             f"train {t['train_s']:6.1f}s score {t['score_s']:5.1f}s select {t['select_s']:4.2f}s "
             f"eval {t['eval_s']:5.1f}s")
@@ -101,8 +108,10 @@ def summary(name: str, strategy: str, seed: int, rounds: list[dict], reference: 
     """The run's summary: final metrics, the curve, ALC, the full-pool Dice, total timings, selections."""
     fr = [r["fraction_labelled"] for r in rounds]
     dice = [r["metrics"].get("dice_mean", float("nan")) for r in rounds]
+    unit = rounds[-1].get("unit", "volume") if rounds else "volume"
     return {
         "name": name, "strategy": strategy, "seed": seed, "config_hash": chash,
+        **({"unit": unit, "n_cases_labelled": rounds[-1].get("n_cases_labelled")} if unit == "slice" else {}),
         "rounds": len(rounds), "n_labeled": rounds[-1]["n_labeled"] if rounds else 0,
         "final_metrics": rounds[-1]["metrics"] if rounds else {},
         "curve": [{"fraction_labelled": f, "n_labeled": r["n_labeled"], "dice_mean": d,
