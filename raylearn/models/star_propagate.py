@@ -4,9 +4,10 @@ One call per round, after the round's labels arrived and before the segmenter tr
 
 1. gather the annotated slices along the run's axis (``ctx.labelled_units``, read through ``ctx.image`` /
    ``ctx.label``) and the pairs of nearest annotated slices of each case;
-2. load the newest checkpoint of an *earlier* round from ``ctx.work_dir`` (a killed and resumed round starts from
-   the same weights, so it repeats the same result), or build a fresh :class:`~raylearn.models.star.StarNet`;
-   train stage 1 and stage 2 (:mod:`raylearn.models.star`) and save ``star_round{r:04d}.pt`` atomically;
+2. load the newest checkpoint of an *earlier* round (``ctx.work_dir`` and its sibling round directories: a
+   killed and resumed round starts from the same weights, so it repeats the same result), or build a fresh
+   :class:`~raylearn.models.star.StarNet`; train stage 1 and stage 2 (:mod:`raylearn.models.star`) and save
+   ``star_round{r:04d}.pt`` atomically;
 3. per case, predict every unlabelled slice of a group from the group's labelled slices (attention masked to
    them), its entropy and ``1 -`` mean cosine similarity of its ``f_U`` features to those slices;
 4. keep the ``n_pseudo`` lowest-entropy pseudo-labelled slices over the pool and return them with every scored
@@ -61,17 +62,24 @@ def labelled_slices(units: list[str], axis: int) -> dict[str, list[int]]:
     return {c: sorted(v) for c, v in out.items()}
 
 
-def latest_checkpoint(work_dir: Path, before_round: int) -> Path | None:
-    """The checkpoint of the latest round ``< before_round`` in ``work_dir``, or None."""
-    best: tuple[int, Path] | None = None
-    for p in Path(work_dir).glob("star_round*.pt"):
+def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of every STAR checkpoint in ``work_dir`` and in its sibling round directories (the loop
+    gives each round its own ``<output_dir>/propagation/round_<rr>``)."""
+    work_dir = Path(work_dir)
+    found = {}
+    for p in [*work_dir.glob("star_round*.pt"), *work_dir.parent.glob("round_*/star_round*.pt")]:
         try:
-            r = int(p.stem.removeprefix("star_round"))
+            found[p.resolve()] = int(p.stem.removeprefix("star_round"))
         except ValueError:
             continue
-        if r < before_round and (best is None or r > best[0]):
-            best = (r, p)
-    return None if best is None else best[1]
+    return sorted((r, p) for p, r in found.items())
+
+
+def latest_checkpoint(work_dir: Path, before_round: int) -> Path | None:
+    """The checkpoint of the latest round ``< before_round`` (in ``work_dir`` or a sibling round directory), or
+    None: a resumed round starts from the weights its first attempt started from."""
+    earlier = [(r, p) for r, p in _checkpoints(work_dir) if r < before_round]
+    return earlier[-1][1] if earlier else None
 
 
 def _net_config(strategy: Star, in_channels: int, num_classes: int) -> dict:
@@ -94,16 +102,18 @@ def _load_or_build(strategy: Star, ctx: PropagationContext, in_channels: int) ->
     return net.to(ctx.device), ckpt
 
 
-def _save(net: StarNet, cfg: dict, work_dir: Path, round_index: int, keep: int = 2) -> Path:
+def _save(net: StarNet, cfg: dict, work_dir: Path, round_index: int) -> Path:
+    """Write ``star_round{r}.pt`` atomically; delete checkpoints of rounds before ``r - 1`` (a resumed round ``r``
+    needs only round ``r - 1``'s)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / CHECKPOINT_PATTERN.format(round_index)
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"config": cfg, "round": round_index, "model": {k: v.cpu() for k, v in net.state_dict().items()}},
                tmp)
     os.replace(tmp, path)
-    old = sorted(work_dir.glob("star_round*.pt"))
-    for p in old[:-keep]:
-        p.unlink(missing_ok=True)
+    for r, p in _checkpoints(work_dir):
+        if r < round_index - 1:
+            p.unlink(missing_ok=True)
     return path
 
 

@@ -193,6 +193,7 @@ class EvenSlices(QueryStrategy):
     """
 
     requires = frozenset()
+    units = frozenset({"slice"})
 
     def __init__(self, *, spacing: int = 10, random_state: int | None = 0) -> None:
         self.spacing = spacing
@@ -283,7 +284,10 @@ class Star(QueryStrategy):
         random_state: seed of the evenly spaced parts' case order.
     """
 
+    #: ``propagation_score`` is not required: the loop adds it to the view once a stage has run, and until then
+    #: (and for groups it did not score) the selection is evenly spaced
     requires = frozenset()
+    units = frozenset({"slice"})
 
     def __init__(self, *, spacing: int = 10, n_pseudo: int = 100, backbone: str = "small", width: int = 16,
                  decoder_dim: int | None = None, stage1_steps: int = 200, stage2_steps: int = 200,
