@@ -388,12 +388,12 @@ def train_stage1(net: StarNet, images: Sequence[np.ndarray], labels: Sequence[np
     Returns:
         mean loss over the last (up to) 10 steps (NaN when there was nothing to train).
     """
-    from monai.losses import FocalLoss
-
     if len(images) != len(labels):
         raise ValueError(f"train_stage1: {len(images)} images but {len(labels)} labels")
     if not images or params.stage1_steps == 0:
         return float("nan")
+    from monai.losses import FocalLoss
+
     loss_fn = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=params.focal_gamma, alpha=params.focal_alpha,
                         reduction="none")
     opt = torch.optim.Adam(net.parameters(), lr=params.lr1)
