@@ -77,6 +77,8 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({"checkpoint": str(tmp_path / "missing.pt")}, PromptableConfig, source="promptable")
     with pytest.raises(ConfigError, match="image_size"):
         parse_config({"image_size": 36}, PromptableConfig, source="promptable")
+    with pytest.raises(ConfigError, match="image_size: 32 is not a multiple of the patch size 6"):
+        parse_config({"patch_size": 6}, PromptableConfig, source="promptable")
     with pytest.raises(ConfigError, match="unknown|extra|not permitted"):
         parse_config({"stepz": 3}, PromptableConfig, source="promptable")
     assert PromptableConfig(variant="full").frozen and not PromptableConfig().frozen
@@ -92,3 +94,22 @@ def test_model_grid_case_resamples_image_and_label_together():
     assert arr.shape == grid_lab.shape == (13, 10, 20)  # 20 mm, 15 mm, 30 mm at 1.5 mm
     assert set(np.unique(grid_lab)) == {0, 2}
     assert arr[grid_lab == 2].mean() > 0.7 and abs(int((grid_lab == 2).sum()) * 1.5**3 - 900) < 200  # 10 x 5 x 18 mm
+
+
+def test_patch_size_four_predicts_at_the_window_resolution_and_round_trips(tmp_path):
+    """``patch_size: 4`` on the small variant: the mask decoder's output is the window's full 32^3 grid (8 gives
+    16^3); a trained checkpoint carries the patch size to inference, and a step there lowers nothing it must not."""
+    torch.set_num_threads(1)
+    cfg = PromptableConfig(enabled=True, batch_size=1, clicks=2, patch_size=4)
+    assert cfg.sam_config().low_res_size == 32 and PromptableConfig().sam_config().low_res_size == 16
+    tr = PromptableTrainer(cfg, seed=0)
+    case = sphere_case(3)
+    losses = tr.fit([case], 2, seed=[0])
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    path = tmp_path / "p4.pt"
+    path.write_bytes(tr.checkpoint_bytes({"version": "p4"}))
+    sam = load_promptable(path)
+    assert sam.cfg.arch()["patch_size"] == 4 and sam.low_res_size == 32
+    volume = prepare_volume(stored_image(case[1][None], (1.5, 1.5, 1.5)), sam.cfg.target_spacing_mm)
+    res = preannotate_volume(sam, volume, case[2], 2, np.random.default_rng(0), classes=[1])
+    assert res.label_maps[2].shape == case[2].shape and res.low_res[1].shape[-3:] == (32, 32, 32)
