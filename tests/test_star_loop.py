@@ -103,3 +103,15 @@ def test_star_run_killed_then_resumed_reaches_the_same_selections(star_run):
     assert len(Ledger(out / "ledger.jsonl").rounds()) == 0, "the kill should land before round 0 finished"
     res = run_experiment(load_experiment(path), resume=True, progress=False)
     assert [r["selected"] for r in res.rounds] == [r["selected"] for r in ref.rounds]
+
+
+def test_the_example_config_validates():
+    """deployments/star_hippocampus.yaml: slice units on axis 0, STAR with its parameters, even_slices cold start
+    of the whole grid (161 pool cases x 4 grid slices of the stored 40-slice axis)."""
+    from raylearn.strategies import build_strategy
+
+    cfg = load_experiment(REPO / "deployments" / "star_hippocampus.yaml")
+    assert (cfg.unit.kind, cfg.unit.axis) == ("slice", 0)
+    star = build_strategy(cfg.strategy.name, **cfg.strategy.params)
+    cold = build_strategy(cfg.cold_start.strategy, **cfg.cold_start.params)
+    assert star.spacing == cold.spacing == 10 and cfg.cold_start.size == 161 * 4
