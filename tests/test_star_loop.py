@@ -107,11 +107,11 @@ def test_star_run_killed_then_resumed_reaches_the_same_selections(star_run):
 
 def test_the_example_config_validates():
     """deployments/star_hippocampus.yaml: slice units on axis 0, STAR with its parameters, even_slices cold start
-    of the whole grid (161 pool cases x 4 grid slices of the stored 40-slice axis)."""
+    of the whole grid (666 = sum of ceil(n / 10) over the 161 pool cases' 32-48 stored slices on axis 0)."""
     from raylearn.strategies import build_strategy
 
     cfg = load_experiment(REPO / "deployments" / "star_hippocampus.yaml")
     assert (cfg.unit.kind, cfg.unit.axis) == ("slice", 0)
     star = build_strategy(cfg.strategy.name, **cfg.strategy.params)
     cold = build_strategy(cfg.cold_start.strategy, **cfg.cold_start.params)
-    assert star.spacing == cold.spacing == 10 and cfg.cold_start.size == 161 * 4
+    assert star.spacing == cold.spacing == 10 and cfg.cold_start.size == 666
