@@ -89,16 +89,23 @@ def star_params(args: argparse.Namespace) -> dict:
             "stage1_steps": steps, "stage2_steps": steps, "lr1": args.star_lr1, "lr2": args.star_lr2}
 
 
+def _base_config(args: argparse.Namespace) -> dict:
+    """The compared experiment, with the cold start's size ``--cold`` (``0``: set to the whole grid by :func:`main`
+    once the store exists; 1 here so that the config validates)."""
+    unit = {"kind": "slice", "axis": args.axis}
+    cfg = al_config("hippocampus-star", args, cold_strategy="even_slices", unit=unit)
+    cfg["cold_start"].update(params={"spacing": args.spacing}, size=max(args.cold, 1))
+    if args.quick:
+        cfg["schedule"] = {"rounds": 2, "batch_size": 4}
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_before = start_run()
-    unit = {"kind": "slice", "axis": args.axis}
-    cfg = al_config("hippocampus-star", args, cold_strategy="even_slices", unit=unit)
-    cfg["cold_start"].update(params={"spacing": args.spacing}, size=max(args.cold, 1))  # the grid's size: below
+    cfg = _base_config(args)
     store = ingest(cfg, "star benchmark")
     n_grid, n_slices = grid_size(store, args.axis, args.spacing)
-    if args.quick:
-        cfg["schedule"] = {"rounds": 2, "batch_size": 4}
     cold = args.cold or n_grid
     cfg["cold_start"]["size"] = cold
     params = {"star": star_params(args), "even_slices": {"spacing": args.spacing}}
