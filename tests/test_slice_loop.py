@@ -86,8 +86,12 @@ class CopyNearest(QueryStrategy):
         return PropagationResult(pseudo=pseudo, unit_scores=scores, info={"kept": len(pseudo), "note": "test"})
 
 
-if "copy_nearest" not in STRATEGIES:
+@pytest.fixture(scope="module")
+def copy_nearest():
+    """``copy_nearest`` registered for this module's tests only (the contract tests cover the shipped strategies)."""
     register_strategy("copy_nearest")(CopyNearest)
+    yield "copy_nearest"
+    STRATEGIES.pop("copy_nearest", None)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +106,7 @@ def _run(cfg: ExperimentConfig, **kw):
 
 
 # -- config -------------------------------------------------------------------------------------------------------
-def test_unit_config_shapes_and_refusals(tmp_path):
+def test_unit_config_shapes_and_refusals(tmp_path, copy_nearest):
     assert _cfg(tmp_path, "a").unit.axis == 2
     assert _cfg(tmp_path, "b", unit="slice").unit.kind == "slice"
     assert _cfg(tmp_path, "c", unit="volume", strategy={"name": "random"}).unit.kind == "volume"
@@ -173,11 +177,10 @@ def test_uncertainty_on_slices_end_to_end(ray_session, runs_dir):
 
 
 @pytest.mark.slow
-def test_propagation_hook_and_resume_from_the_ledger(ray_session, runs_dir):
+def test_propagation_hook_and_resume_from_the_ledger(ray_session, runs_dir, copy_nearest):
     """The stage runs after each round's labels and before training, writes pseudo-labels (never cost) and scores
     that drive the next selection; a run killed after the stage of its last round resumes without running it
     again and records the same round."""
-    sys.modules.setdefault(CopyNearest.__module__, sys.modules[__name__])
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray task unpickles the test strategy
