@@ -74,7 +74,7 @@ def test_loop_end_to_end(reference_run):
         assert Path(r["checkpoint"]).is_file()
         assert set(r["timings"]) >= {"train_s", "score_s", "select_s", "eval_s"}
     # round 0 is feature-free; round 1's scores were computed beside round 0's evaluation
-    assert res.rounds[0]["timings"]["score_s"] < 0.01 and res.rounds[1]["timings"]["score_s"] > 0
+    assert not res.rounds[0]["scores"] and res.rounds[1]["timings"]["score_s"] > 0
     # one training service for the run: round 1 continued round 0's steps, in the same worker process
     info0, info1 = res.rounds[0]["train_info"], res.rounds[1]["train_info"]
     assert (info0["global_step"], info1["global_step"]) == (20, 24)
