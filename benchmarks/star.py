@@ -86,7 +86,8 @@ def ingest(cfg: dict, source: str) -> Path:
 def star_params(args: argparse.Namespace) -> dict:
     steps = 2 if args.quick else args.star_steps
     return {"spacing": args.spacing, "n_pseudo": args.n_pseudo, "width": 4 if args.quick else args.star_width,
-            "stage1_steps": steps, "stage2_steps": steps, "lr1": args.star_lr1, "lr2": args.star_lr2}
+            "stage1_steps": steps, "stage2_steps": steps, "lr1": args.star_lr1, "lr2": args.star_lr2,
+            "torch_threads": 1}  # beside the training worker and the shards on 2 cores (see Star's torch_threads)
 
 
 def _base_config(args: argparse.Namespace) -> dict:

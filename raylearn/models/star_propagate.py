@@ -165,7 +165,26 @@ def _predict_case(net: StarNet, image: np.ndarray, labels: np.ndarray, lab_idx: 
 
 
 def run_propagation(strategy: Star, ctx: PropagationContext) -> PropagationResult:
-    """STAR's ``propagate`` (see the module docstring).
+    """STAR's ``propagate`` (see the module docstring), with ``strategy.torch_threads`` intra-op threads when set.
+
+    Args:
+        strategy: the configured :class:`~raylearn.strategies.star.Star` (hyperparameters).
+        ctx: the loop's context (images ``[C, D, H, W]``, partial labels, ``work_dir``, seed, device).
+
+    Returns:
+        see :func:`_run`.
+    """
+    threads = torch.get_num_threads()
+    if strategy.torch_threads is not None:
+        torch.set_num_threads(int(strategy.torch_threads))
+    try:
+        return _run(strategy, ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(strategy: Star, ctx: PropagationContext) -> PropagationResult:
+    """The stage itself.
 
     Args:
         strategy: the configured :class:`~raylearn.strategies.star.Star` (hyperparameters).

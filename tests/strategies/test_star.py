@@ -94,6 +94,8 @@ def test_slice_strategies_refuse_mixed_axes_and_bad_params():
         build_strategy("even_slices").select(PoolView(ids, np.zeros(3, bool)), 1)
     with pytest.raises(ValueError, match="n_pseudo"):
         build_strategy("star", n_pseudo=-1)
+    with pytest.raises(ValueError, match="torch_threads"):
+        build_strategy("star", torch_threads=0)
     assert build_strategy("star").supported_units() == frozenset({"slice"})
 
 
@@ -137,8 +139,10 @@ def test_propagate_keeps_the_top_n_lowest_entropy_slices(tmp_path, monkeypatch):
 
     monkeypatch.setattr(star_propagate, "_predict_case", fake_predict)
     ctx = make_ctx(tmp_path, cases, {"a": [0, 10, 20], "b": [0, 10]})
-    strat = build_strategy("star", n_pseudo=3, stage1_steps=0, stage2_steps=0, width=2)
+    strat = build_strategy("star", n_pseudo=3, stage1_steps=0, stage2_steps=0, width=2, torch_threads=1)
+    torch.set_num_threads(2)
     res = strat.propagate(ctx)
+    assert torch.get_num_threads() == 2  # torch_threads applies during the stage only
     kept = {(c, int(i)) for c, (_, filled) in res.pseudo.items() for i in np.flatnonzero(filled.any(axis=(1, 2)))}
     assert kept == {("b", 3), ("a", 5), ("a", 3)}  # entropies 0.05, 0.1, 0.5
     for c, (lab, filled) in res.pseudo.items():
