@@ -35,9 +35,8 @@ from raylearn.models.star import (
     cosine_to_memory,
     pad_slices,
     slice_entropy,
-    train_stage1,
-    train_stage2,
 )
+from raylearn.models.star_train import train_stage1, train_stage2
 from raylearn.units import PropagationContext, PropagationResult, parse_unit, unit_id
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ from raylearn.strategies.base import PoolView, QueryStrategy, register_strategy
 from raylearn.units import PropagationContext, PropagationResult, is_slice_id, parse_unit
 
 if TYPE_CHECKING:
-    from raylearn.models.star import StarTrainParams
+    from raylearn.models.star_train import StarTrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +330,8 @@ class Star(QueryStrategy):
         self.train_params()  # validates steps, batch size, learning rates, focal settings
 
     def train_params(self) -> StarTrainParams:
-        """The two-stage training settings as :class:`raylearn.models.star.StarTrainParams`."""
-        from raylearn.models.star import StarTrainParams
+        """The two-stage training settings as :class:`raylearn.models.star_train.StarTrainParams`."""
+        from raylearn.models.star_train import StarTrainParams
 
         return StarTrainParams(stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps,
                                batch_size=self.batch_size, lr1=self.lr1, lr2=self.lr2, focal_gamma=self.focal_gamma,

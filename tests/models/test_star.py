@@ -1,4 +1,5 @@
-"""STAR's propagation network: shapes, key/value sizes, group-masked attention, entropy, similarity, a tiny overfit."""
+"""STAR's propagation network (raylearn/models/star.py) and its training (star_train.py): shapes, key/value sizes,
+group-masked attention, entropy, similarity, a tiny overfit."""
 
 from __future__ import annotations
 
@@ -9,17 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raylearn.models.star import (
-    StarNet,
-    StarTrainParams,
-    build_star_net,
-    cosine_to_memory,
-    memory_read,
-    pad_slices,
-    slice_entropy,
-    train_stage1,
-    train_stage2,
-)
+from raylearn.models.star import StarNet, build_star_net, cosine_to_memory, memory_read, pad_slices, slice_entropy
+from raylearn.models.star_train import StarTrainParams, train_stage1, train_stage2
 
 
 @pytest.fixture(autouse=True)
