@@ -39,6 +39,9 @@ class PromptableConfig(StrictModel):
             mask comes out at ``4 * image_size / patch_size`` voxels per edge, so ``patch_size: 4`` on the small
             variant predicts at the window's full resolution (8 gives half): finer masks for small structures,
             at about 1.7x the training time on CPU. Only from scratch: a checkpoint fixes it.
+        encoder_depth / encoder_embed_dim: the image encoder's transformer blocks and width; None = the variant's
+            (small: 2 blocks of 48, full: 12 of 768). Heads follow the width (one per 24 channels) and the last and
+            middle blocks attend globally. Only from scratch.
         target_spacing_mm: SAM-Med3D's isotropic grid (1.5 mm for the released model): stored cases are
             resampled to it for training, as uploads are for inference.
         steps: optimiser steps per round after the first; ``first_round_steps``: round 0's (None = ``steps``).
@@ -63,6 +66,8 @@ class PromptableConfig(StrictModel):
     checkpoint: str | None = None
     image_size: int | None = Field(None, ge=8, le=256)
     patch_size: int | None = Field(None, ge=2, le=32)
+    encoder_depth: int | None = Field(None, ge=1, le=24)
+    encoder_embed_dim: int | None = Field(None, ge=24, le=1536)
     target_spacing_mm: float = Field(1.5, gt=0, le=10)
     steps: int = Field(40, ge=1)
     first_round_steps: int | None = Field(None, ge=1)
@@ -91,8 +96,11 @@ class PromptableConfig(StrictModel):
         if size % patch:
             raise ValueError(f"image_size: {size} is not a multiple of the patch size {patch} (patch_size, or the "
                              f"{self.variant} variant's)")
-        if self.patch_size is not None and self.checkpoint is not None:
-            raise ValueError("patch_size: a checkpoint fixes the patch size; leave patch_size unset with checkpoint")
+        for key in ("patch_size", "encoder_depth", "encoder_embed_dim"):
+            if getattr(self, key) is not None and self.checkpoint is not None:
+                raise ValueError(f"{key}: a checkpoint fixes the architecture; leave {key} unset with checkpoint")
+        if self.encoder_embed_dim is not None and self.encoder_embed_dim % 24:
+            raise ValueError(f"encoder_embed_dim: {self.encoder_embed_dim} is not a multiple of 24 (one head per 24)")
         return self
 
     @property
@@ -108,5 +116,10 @@ class PromptableConfig(StrictModel):
         from raylearn.models.sam_med3d import SamMed3DConfig
 
         extra = {k: v for k, v in (("image_size", self.image_size), ("patch_size", self.patch_size)) if v is not None}
+        if self.encoder_embed_dim is not None:
+            extra.update(encoder_embed_dim=self.encoder_embed_dim, encoder_num_heads=self.encoder_embed_dim // 24)
+        if self.encoder_depth is not None:
+            depth = self.encoder_depth
+            extra.update(encoder_depth=depth, encoder_global_attn_indexes=tuple(sorted({(depth - 1) // 2, depth - 1})))
         return SamMed3DConfig(preset=self.variant, checkpoint=self.checkpoint, device=device,
                               target_spacing_mm=self.target_spacing_mm, **extra)

@@ -79,6 +79,8 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({"image_size": 36}, PromptableConfig, source="promptable")
     with pytest.raises(ConfigError, match="image_size: 32 is not a multiple of the patch size 6"):
         parse_config({"patch_size": 6}, PromptableConfig, source="promptable")
+    with pytest.raises(ConfigError, match="encoder_embed_dim: 100 is not a multiple of 24"):
+        parse_config({"encoder_embed_dim": 100}, PromptableConfig, source="promptable")
     with pytest.raises(ConfigError, match="unknown|extra|not permitted"):
         parse_config({"stepz": 3}, PromptableConfig, source="promptable")
     assert PromptableConfig(variant="full").frozen and not PromptableConfig().frozen
@@ -98,10 +100,13 @@ def test_model_grid_case_resamples_image_and_label_together():
 
 def test_patch_size_four_predicts_at_the_window_resolution_and_round_trips(tmp_path):
     """``patch_size: 4`` on the small variant: the mask decoder's output is the window's full 32^3 grid (8 gives
-    16^3); a trained checkpoint carries the patch size to inference, and a step there lowers nothing it must not."""
+    16^3); a trained checkpoint carries the patch size and the encoder's depth and width to inference."""
     torch.set_num_threads(1)
-    cfg = PromptableConfig(enabled=True, batch_size=1, clicks=2, patch_size=4)
+    cfg = PromptableConfig(enabled=True, batch_size=1, clicks=2, patch_size=4, encoder_depth=3, encoder_embed_dim=72)
     assert cfg.sam_config().low_res_size == 32 and PromptableConfig().sam_config().low_res_size == 16
+    arch = cfg.sam_config().arch()
+    assert (arch["encoder_depth"], arch["encoder_embed_dim"], arch["encoder_num_heads"],
+            arch["encoder_global_attn_indexes"]) == (3, 72, 3, (1, 2))
     tr = PromptableTrainer(cfg, seed=0)
     case = sphere_case(3)
     losses = tr.fit([case], 2, seed=[0])
@@ -109,7 +114,7 @@ def test_patch_size_four_predicts_at_the_window_resolution_and_round_trips(tmp_p
     path = tmp_path / "p4.pt"
     path.write_bytes(tr.checkpoint_bytes({"version": "p4"}))
     sam = load_promptable(path)
-    assert sam.cfg.arch()["patch_size"] == 4 and sam.low_res_size == 32
+    assert sam.cfg.arch() == arch and sam.low_res_size == 32
     volume = prepare_volume(stored_image(case[1][None], (1.5, 1.5, 1.5)), sam.cfg.target_spacing_mm)
     res = preannotate_volume(sam, volume, case[2], 2, np.random.default_rng(0), classes=[1])
     assert res.label_maps[2].shape == case[2].shape and res.low_res[1].shape[-3:] == (32, 32, 32)
