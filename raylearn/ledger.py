@@ -23,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Ledger", "LedgerError", "config_hash"]
+__all__ = ["Ledger", "LedgerError", "config_hash", "json_default"]
 
 
 class LedgerError(RuntimeError):
@@ -37,12 +37,13 @@ def config_hash(cfg: Any) -> str:
 
 
 def _encode(payload: dict) -> str:
-    body = json.dumps(payload, sort_keys=True, default=_default, separators=(",", ":"))
+    body = json.dumps(payload, sort_keys=True, default=json_default, separators=(",", ":"))
     crc = zlib.crc32(body.encode())
     return json.dumps({"crc": crc, "payload": json.loads(body)}, sort_keys=True, separators=(",", ":")) + "\n"
 
 
-def _default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dump``'s ``default=``: numpy scalars and arrays as Python values, paths as strings."""
     import numpy as np
 
     if isinstance(o, np.generic):

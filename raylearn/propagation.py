@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from raylearn.ledger import json_default
 from raylearn.units import PropagationContext, PropagationResult, UnitSpace
 
 __all__ = ["apply_result", "has_stage", "load_scores", "run_stage", "scores_path", "work_dir"]
@@ -111,21 +112,11 @@ def run_stage(strategy: Any, *, store: Any, labels: Any, round_index: int, seed:
     return result, time.perf_counter() - t0
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump(data, fh, default=_json_default)
+        json.dump(data, fh, default=json_default)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
