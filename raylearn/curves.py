@@ -189,7 +189,8 @@ def foreground_efficiency(curves: Mapping[str, Sequence[Sequence[tuple]]],
     Returns:
         strategy -> ``(b, sd of b)``; the sd is ``sqrt`` of the fit's variance (nnActive reports the variance
         ``pcov[0, 0]`` under the name "std"). Strategies with fewer than 2 points are left out; empty when no
-        point carries a foreground fraction.
+        point carries a foreground fraction. A strategy whose points all share one foreground fraction (its queries
+        added no foreground, e.g. background-only slices) gets NaN: the curve's rate cannot be fitted from them.
     """
     from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -207,6 +208,11 @@ def foreground_efficiency(curves: Mapping[str, Sequence[Sequence[tuple]]],
     for name, v in pts.items():
         v = v[np.isfinite(v).all(axis=1)]
         if len(v) < 2:
+            continue
+        if np.ptp(v[:, 0]) <= 1e-12:  # every point at one foreground share: the rate b is not identifiable
+            logger.warning("foreground efficiency of %s: every point has the same labelled foreground share %.4g; "
+                           "FG-Eff is undefined (NaN)", name, v[0, 0])
+            out[name] = (float("nan"), float("nan"))
             continue
 
         def model(x, b):

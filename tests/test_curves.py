@@ -60,6 +60,10 @@ def test_foreground_efficiency_recovers_the_rate_of_an_exact_curve():
     assert eff["slow"][1] == pytest.approx(0.0, abs=1e-3)  # an exact fit has no spread
     # no foreground shares -> nothing to fit
     assert foreground_efficiency({"a": [[(0.1, 0.5), (0.2, 0.6)]]}, 0.9) == {}
+    # queries that added no foreground (every point at one share): the rate is undefined, not a fitted artefact
+    flat = {"flat": [[(0.1, 0.5, 0.104), (0.2, 0.52, 0.104)]], "ok": [_exact_curve(10.0, xs)]}
+    eff = foreground_efficiency(flat, reference=0.9)
+    assert all(math.isnan(v) for v in eff["flat"]) and eff["ok"][0] == pytest.approx(10.0, rel=1e-4)
 
 
 def test_summarise_reports_fg_share_s95_and_fg_eff():
