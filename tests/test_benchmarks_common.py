@@ -88,3 +88,17 @@ def test_save_result_quick_goes_beside_the_run(bench, tmp_path):
     assert path == tmp_path / "clasp_pe_quick.json" and json.loads(path.read_text()) == {"a": 1.5}
     assert (tmp_path / "clasp_pe_quick.png").read_bytes() == b"png"
     assert common.strategy_list(args) == ["clasp_pe", "fg_random", "random", "entropy"]
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_star_benchmark_builds_a_slice_config(bench, quick, tmp_path):
+    """benchmarks/star.py: the common arguments, on slice units (every 10th slice first, then STAR's rounds)."""
+    mod = bench("star")
+    args = mod.parse_args(["--out", str(tmp_path), "--data", str(tmp_path / "data")] + (["--quick"] if quick else []))
+    cfg = parse_config(mod._base_config(args), ExperimentConfig, source="star")
+    assert cfg.unit.kind == "slice" and cfg.cold_start.strategy == "even_slices"
+    assert cfg.cold_start.params == {"spacing": 10} and cfg.data.store == str(tmp_path / "store")
+    assert cfg.data.dataset == ("phantom" if quick else str(tmp_path / "data")) and cfg.evaluate.hd95 is False
+    if not quick:
+        assert (cfg.schedule.rounds, cfg.schedule.batch_size, args.seeds) == (5, 160, 3)
+        assert (cfg.train.first_round_steps, cfg.train.steps) == (300, 200)
