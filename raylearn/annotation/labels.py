@@ -206,12 +206,16 @@ class LabelStore:
             LabelStoreError: the file is missing or does not match its recorded sha256.
         """
         rec = self._record(case_id, version, tag)
+        return self._load_checked(rec.path, rec.sha256, "label")
+
+    def _load_checked(self, rel: str, sha256: str, what: str) -> np.ndarray:
+        """The array at ``root / rel``, refused unless it matches its recorded ``sha256``."""
         try:
-            arr = np.load(self.root / rec.path, allow_pickle=False)
+            arr = np.load(self.root / rel, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise LabelStoreError(f"{self.root / rec.path}: unreadable label file: {err}") from None
-        if label_digest(arr) != rec.sha256:
-            raise LabelStoreError(f"{self.root / rec.path}: content does not match its record (sha256)")
+            raise LabelStoreError(f"{self.root / rel}: unreadable {what} file: {err}") from None
+        if label_digest(arr) != sha256:
+            raise LabelStoreError(f"{self.root / rel}: content does not match its record (sha256)")
         return arr
 
     def read_masked(self, case_id: str, version: int | None = None, tag: str = "final"
@@ -228,13 +232,7 @@ class LabelStore:
         rec = self._record(case_id, version, tag)
         if not rec.partial:
             return label, np.ones(label.shape, dtype=bool)
-        try:
-            raw = np.load(self.root / rec.mask_path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise LabelStoreError(f"{self.root / rec.mask_path}: unreadable mask file: {err}") from None
-        if label_digest(raw) != rec.mask_sha256:
-            raise LabelStoreError(f"{self.root / rec.mask_path}: content does not match its record (sha256)")
-        return label, raw.astype(bool)
+        return label, self._load_checked(rec.mask_path, rec.mask_sha256, "mask").astype(bool)
 
     def _record(self, case_id: str, version: int | None, tag: str) -> LabelRecord:
         hist = self.history(case_id, tag)
