@@ -107,12 +107,17 @@ def train_stage1(net: StarNet, images: Sequence[np.ndarray], labels: Sequence[np
         idx = generator.choice(len(images), size=min(params.batch_size, len(images)), replace=False)
         x, y, valid = _batch(images, labels, idx, net.stride, device)
         per_pixel = loss_fn(net.segment(x), y[:, None]).sum(dim=1)  # [B, H, W]
-        loss = (per_pixel * valid).sum() / valid.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_masked_step(opt, per_pixel, valid))
     return float(np.mean(losses[-10:]))
+
+
+def _masked_step(opt: torch.optim.Optimizer, per_pixel: torch.Tensor, valid: torch.Tensor) -> float:
+    """One optimiser step on the mean of ``per_pixel`` loss ``[B, H, W]`` over the ``valid`` pixels; the loss."""
+    loss = (per_pixel * valid).sum() / valid.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def train_stage2(net: StarNet, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
@@ -154,10 +159,5 @@ def train_stage2(net: StarNet, images: Sequence[np.ndarray], labels: Sequence[np
         keys, values = net.memorize(xm, F.one_hot(ym, net.num_classes).permute(0, 3, 1, 2))
         allowed = torch.eye(len(chosen), dtype=torch.bool, device=xq.device)  # each query sees its own memory
         logits = net.propagate(xq, keys, values, allowed)
-        per_pixel = F.cross_entropy(logits, yq, reduction="none")
-        loss = (per_pixel * valid).sum() / valid.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_masked_step(opt, F.cross_entropy(logits, yq, reduction="none"), valid))
     return float(np.mean(losses[-10:]))
