@@ -74,8 +74,11 @@ def _mpl():
 
 
 def cost_label(unit: str | None) -> str:
-    """The x axis of a learning curve: ``% of pool labelled`` (volumes) or ``% of pool slices labelled``."""
-    return "% of pool slices labelled" if unit == "slice" else "% of pool labelled"
+    """The x axis of a learning curve: ``% of pool labelled`` (volumes), ``% of pool slices labelled`` or ``% of pool
+    patches labelled``."""
+    if unit in ("slice", "patch"):
+        return f"% of pool {unit}{'es' if unit == 'patch' else 's'} labelled"
+    return "% of pool labelled"
 
 
 def plot_learning_curve(rounds: Sequence[Mapping], path: str | Path, class_names: Mapping[int, str] | None = None,
@@ -343,8 +346,9 @@ def format_table(rows: Sequence[Mapping], unit: str | None = None) -> str:
     ``unit="slice"`` every % (columns, S%, S95%) is of the pool's slices, said in a first line."""
     if not rows:
         return "(no runs)"
-    if unit == "slice":
-        return "Cost: % of the pool's slices labelled (unit: slice)\n\n" + format_table(rows)
+    if unit in ("slice", "patch"):
+        what = "patches" if unit == "patch" else "slices"
+        return f"Cost: % of the pool's {what} labelled (unit: {unit})\n\n" + format_table(rows)
     fr = rows[0]["fractions"]
     has_fg = any("fg_fractions" in r for r in rows)
     has_eff = any("fg_eff" in r for r in rows)

@@ -196,21 +196,45 @@ class ScheduleConfig(StrictModel):
 
 
 class UnitConfig(StrictModel):
-    """What one annotation is (``unit:``; see :mod:`raylearn.units`): a whole volume, or one slice along ``axis``.
+    """What one annotation is (``unit:``; see :mod:`raylearn.units`): a whole volume, one slice along ``axis``, or
+    one 3D patch of at most ``size`` voxels (nnActive's patch queries).
 
-    ``unit: volume`` (the default) and ``unit: slice`` are shorthands for ``{kind: volume}`` and
-    ``{kind: slice, axis: 2}``. With slices, the pool, the strategies' features, the selections, the ledger and the
-    cost (``fraction_labelled``: the share of the pool's slices labelled; ``cold_start.size``,
-    ``schedule.batch_size`` and ``schedule.max_labeled`` count slices) are per slice; training masks the loss on
-    voxels nobody annotated; evaluation stays on whole test volumes.
+    ``unit: volume`` (the default), ``unit: slice`` and ``unit: patch`` are shorthands for ``{kind: volume}``,
+    ``{kind: slice, axis: 2}`` and ``{kind: patch, size: [16, 16, 16]}``. With slices or patches, the pool, the
+    strategies' features, the selections, the ledger and the cost (``fraction_labelled``: the share of the pool's
+    units labelled; ``cold_start.size``, ``schedule.batch_size`` and ``schedule.max_labeled`` count units) are per
+    unit; training masks the loss on voxels nobody annotated; evaluation stays on whole test volumes.
 
     Attributes:
-        kind: ``volume`` or ``slice``.
+        kind: ``volume``, ``slice`` or ``patch``.
         axis: the slicing axis of the stored ``[D, H, W]`` grid (0, 1 or 2); slice units only.
+        size: the largest patch ``[d, h, w]`` in voxels of the stored grid (one number: a cube); each case is tiled
+            by ``ceil(L / s)`` near-equal boxes per axis (:func:`raylearn.units.patch_boxes`); patch units only.
     """
 
-    kind: Literal["volume", "slice"] = "volume"
+    kind: Literal["volume", "slice", "patch"] = "volume"
     axis: int = Field(2, ge=0, le=2)
+    size: tuple[int, int, int] | None = None
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _cube(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v, v, v)
+        return v
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> UnitConfig:
+        if self.size is not None and min(self.size) < 1:
+            raise ValueError(f"unit.size: patch sizes must be >= 1, got {list(self.size)}")
+        if self.kind == "patch":
+            if self.size is None:
+                self.__dict__["size"] = (16, 16, 16)
+            if "axis" in self.model_fields_set:
+                raise ValueError("unit.axis: patch units have no slicing axis; give unit.size")
+        elif self.size is not None:
+            raise ValueError(f"unit.size: only patch units have a size (unit.kind is {self.kind})")
+        return self
 
 
 class EvaluateConfig(StrictModel):
@@ -249,8 +273,9 @@ class ExperimentConfig(StrictModel):
     @classmethod
     def _unit_shorthand(cls, v: Any) -> Any:
         if isinstance(v, str):
-            if v not in ("volume", "slice"):
-                raise ValueError(f"unit: must be 'volume', 'slice' or {{kind: slice, axis: 0|1|2}}, got {v!r}")
+            if v not in ("volume", "slice", "patch"):
+                raise ValueError(f"unit: must be 'volume', 'slice', 'patch', {{kind: slice, axis: 0|1|2}} or "
+                                 f"{{kind: patch, size: [d, h, w]}}, got {v!r}")
             return {"kind": v}
         return v
 
@@ -268,22 +293,24 @@ class ExperimentConfig(StrictModel):
             except (ValueError, TypeError, KeyError):
                 continue  # _check_strategies names the bad parameter
             if kind not in strategy.supported_units():
-                why = (f"it needs case-level features {sorted(strategy.required_features())}" if kind == "slice"
+                why = (f"it needs case-level features {sorted(strategy.required_features())}"
+                       if kind != "volume" and strategy.supported_units() == {"volume"}
                        else f"it selects {'/'.join(sorted(strategy.supported_units()))} units only")
                 raise ValueError(
-                    f"{where}: {name!r} does not support unit: {kind} ({why}); slice units work with random, the "
-                    "uncertainty strategies (least_confidence, entropy, margin, mc_entropy, bald, mc_variance, "
-                    "tta_variance, power) and strategies that declare slice units")
-        if kind != "slice":
+                    f"{where}: {name!r} does not support unit: {kind} ({why}); slice and patch units work with "
+                    "random, the uncertainty strategies (least_confidence, entropy, margin, mc_entropy, bald, "
+                    "mc_variance, tta_variance, power), clasp_pe, fg_random / fg_random33 (nnActive variants) and "
+                    "strategies that declare the unit")
+        if kind == "volume":
             return self
         refuse = [
             (self.model.backend != "monai_unet", f"model.backend: {self.model.backend} trains on whole labelled "
-             "volumes only; slice units need the masked loss of model.backend: monai_unet"),
+             f"volumes only; {kind} units need the masked loss of model.backend: monai_unet"),
             (self.model.arch == "sbc_unet", "model.arch: sbc_unet's joint loss has no masked version; use "
              "model.arch: unet"),
-            (self.oracle != "simulated", f"oracle: {self.oracle} (the annotation API labels whole volumes); slice "
+            (self.oracle != "simulated", f"oracle: {self.oracle} (the annotation API labels whole volumes); {kind} "
              "units need oracle: simulated"),
-            (self.schedule.mode != "sync", "schedule.mode: async (label-driven rounds count whole volumes); slice "
+            (self.schedule.mode != "sync", f"schedule.mode: async (label-driven rounds count whole volumes); {kind} "
              "units need schedule.mode: sync"),
             (self.promptable.enabled, "promptable.enabled: the promptable model fine-tunes on whole labelled volumes"),
             (self.train.val_fraction > 0 or self.train.val_ids is not None, "train.val_fraction / train.val_ids: "
@@ -291,7 +318,7 @@ class ExperimentConfig(StrictModel):
         ]
         for bad, why in refuse:
             if bad:
-                raise ValueError(f"unit: slice: {why}")
+                raise ValueError(f"unit: {kind}: {why}")
         return self
 
     @model_validator(mode="after")

@@ -126,7 +126,10 @@ def _config_json(cfg: ExperimentConfig) -> dict:
     exclude = {"tracking"} | (set() if cfg.promptable.enabled else {"promptable"})  # runs from before it hash alike
     if cfg.unit.kind == "volume" and cfg.unit.axis == 2:  # the default: runs from before slice units hash alike
         exclude.add("unit")
-    return cfg.model_dump(mode="json", exclude=exclude)
+    out = cfg.model_dump(mode="json", exclude=exclude)
+    if "unit" in out and out["unit"].get("size") is None:  # slice runs from before patch units hash alike
+        out["unit"].pop("size", None)
+    return out
 
 
 def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_change: bool) -> tuple[Ledger, str]:
@@ -213,7 +216,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         prop_scores = load_scores(last_prop["scores_path"])
     if rounds:
         log.info("resuming %s after round %d (%d %s labelled)", out, rounds[-1]["round"], len(labeled),
-                 "slices" if units.slices else "cases")
+                 units.kind + "s" if units.partial else "cases")
     if on_round is not None:
         for i in range(len(rounds)):
             on_round(rounds[i], rounds[: i + 1])
@@ -258,7 +261,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             else:
                 budget = _budget(cfg, r, len(units), len(labeled))
                 if budget <= 0:
-                    log.info("budget spent after %d %s; stopping", len(labeled), "slices" if units.slices else "cases")
+                    log.info("budget spent after %d %s; stopping", len(labeled),
+                             units.kind + "s" if units.partial else "cases")
                     break
                 name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
                 if model_features(split_features(strategy.requires)[0]) and checkpoint is None:
@@ -268,8 +272,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                     view, timings["score_s"] = prefetched[1], prefetched[2]
                 else:
                     t0 = time.perf_counter()
-                    view = (slice_view(pool, checkpoint, strategy, cfg, units, labeled, r, prop_scores) if units.slices
-                            else _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r, store))
+                    view = (slice_view(pool, checkpoint, strategy, cfg, units, labeled, r, prop_scores, store)
+                            if units.partial else _features(pool, checkpoint, strategy, cfg, pool_ids, labeled, r,
+                                                            store))
                     timings["score_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 view = schedule.view(view, labeled)  # async: cases labelled or leased meanwhile are taken
@@ -281,7 +286,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             chosen, receipt = schedule.collect(r, chosen, labeled, checkpoint)
             complete = set(units.complete_cases(labeled))
             labeled.extend(chosen)
-            pool.mark_labeled([c for c in units.complete_cases(labeled) if c not in complete] if units.slices
+            pool.mark_labeled([c for c in units.complete_cases(labeled) if c not in complete] if units.partial
                               else chosen)
             prop_rec = None
             if units.slices:  # the main strategy's pseudo-labelling stage, when it has one
@@ -312,8 +317,9 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 _, nxt = schedule.strategy(r + 1, *_strategy(cfg, r + 1))
                 if nxt.requires:  # score for the next round while the shards evaluate this one
                     t1 = time.perf_counter()
-                    view = (slice_view(pool, checkpoint, nxt, cfg, units, labeled, r + 1, prop_scores) if units.slices
-                            else _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1, store))
+                    view = (slice_view(pool, checkpoint, nxt, cfg, units, labeled, r + 1, prop_scores, store)
+                            if units.partial else _features(pool, checkpoint, nxt, cfg, pool_ids, labeled, r + 1,
+                                                            store))
                     prefetched = (r + 1, view, time.perf_counter() - t1)
             metrics = mean_metrics(pool.collect_evaluate(pending, checkpoint, metric_kw))
             timings["eval_s"] = time.perf_counter() - t0 - (prefetched[2] if prefetched else 0.0)
@@ -321,8 +327,8 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 t1 = time.perf_counter()
                 info["promptable"] = trainer.collect_promptable(r)
                 timings["promptable_wait_s"] = time.perf_counter() - t1
-            per_unit = {} if not units.slices else {  # slice units: cost counts slices
-                "unit": "slice", "n_units": len(units), "n_cases_labelled": len(units.labelled_cases(labeled)),
+            per_unit = {} if not units.partial else {  # slice / patch units: cost counts units
+                "unit": units.kind, "n_units": len(units), "n_cases_labelled": len(units.labelled_cases(labeled)),
                 "propagation": None if prop_rec is None else {k: prop_rec[k] for k in
                                                               ("round", "pseudo_cases", "pseudo_voxels", "info")}}
             rec = ledger.append(

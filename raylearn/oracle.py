@@ -65,13 +65,13 @@ class SimulatedOracle(Oracle):
         self.revealed: list[str] = []
 
     def label(self, ids: Sequence[str]) -> LabelReceipt:
-        from raylearn.units import is_slice_id, parse_unit, slice_of
+        from raylearn.units import is_unit_id, parse_unit
 
         known = set(self.store.case_ids())
         receipt = LabelReceipt(ids=[])
         slices: dict[str, list] = {}
         for cid in ids:
-            unit = parse_unit(cid) if is_slice_id(cid) else None
+            unit = parse_unit(cid) if is_unit_id(cid) else None
             case_id = unit.case if unit is not None else cid
             if case_id not in known:
                 raise ValueError(f"oracle: case {case_id!r} is not in the store {self.store.path}")
@@ -88,14 +88,14 @@ class SimulatedOracle(Oracle):
             receipt.per_case[cid] = fg
             self.labels.put(cid, case.label, "simulated", "simulated")
             self.revealed.append(cid)
-        for case_id, units in slices.items():  # one new label version per case, however many of its slices
+        for case_id, units in slices.items():  # one new label version per case, however many of its units
             case = self.store.get(case_id)
             if case.label is None:
                 raise ValueError(f"oracle: case {case_id!r} has no ground-truth label to reveal")
             gt = np.asarray(case.label)
             mask = np.zeros(gt.shape, dtype=bool)
             for unit in units:
-                index = slice_of(gt.shape, unit)  # ValueError naming the unit when it lies outside the case
+                index = unit.region(gt.shape)  # ValueError naming the unit when it lies outside the case
                 mask[index] = True
                 fg = int(np.count_nonzero(gt[index]))
                 receipt.ids.append(unit.id)

@@ -3,9 +3,10 @@
 Cost is counted in cases (``fraction_labelled``) and in foreground (``fraction_fg_labelled``: the labelled share of
 the pool's ground-truth foreground voxels, nnActive's ``percentage_of_voxels_foreground``,
 MIC-DKFZ/nnActive ``nnactive/analyze/experiment_statistics.py`` lines 64-70 and 312-319), so a strategy that picks
-large-foreground cases is not credited for free. With slice units (``unit: slice``) cases are slices:
-``n_labeled`` / ``fraction_labelled`` count the pool's slices, rounds.csv adds ``unit`` and ``n_cases_labelled``
-columns, the summary says ``"unit": "slice"``, and S% (:mod:`raylearn.curves`) is in % of slices.
+large-foreground cases is not credited for free. With slice or patch units (``unit: slice | patch``) the units are
+what is counted: ``n_labeled`` / ``fraction_labelled`` count the pool's slices (patches), rounds.csv adds ``unit``
+and ``n_cases_labelled`` columns, the summary says ``"unit": "slice"`` (``"patch"``), and S% (:mod:`raylearn.curves`)
+is in % of those units.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def write_outputs(out: Path, rounds: list[dict], class_names: dict[int, str], re
     if not rounds:
         return
     metric_keys = sorted({k for r in rounds for k in r["metrics"]})
-    slices = any(r.get("unit") == "slice" for r in rounds)
+    slices = any(r.get("unit") in ("slice", "patch") for r in rounds)
     with open(out / "rounds.csv.tmp", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["round", "n_labeled", "fraction_labelled", "fg_labelled_voxels", "fraction_fg_labelled",
@@ -96,7 +97,7 @@ def round_line(r: dict) -> str:
     m, t = r["metrics"], r["timings"]
     fg = r.get("fraction_fg_labelled")
     fg_part = "" if fg is None else f" fg {100 * fg:5.1f}%"
-    what = " slices" if r.get("unit") == "slice" else ""
+    what = f" {r['unit']}es" if r.get("unit") == "patch" else " slices" if r.get("unit") == "slice" else ""
     return (f"round {r['round']:>2} | labelled {r['n_labeled']:>4}{what} "
             f"({100 * r['fraction_labelled']:5.1f}%{fg_part}) | "
             f"Dice {_metric(m, 'dice_mean'):.3f} | NSD (P2P) {_metric(m, 'symdiff_pct_mean', 'nsd_mean'):6.2f}% | "
@@ -111,7 +112,7 @@ def summary(name: str, strategy: str, seed: int, rounds: list[dict], reference: 
     unit = rounds[-1].get("unit", "volume") if rounds else "volume"
     return {
         "name": name, "strategy": strategy, "seed": seed, "config_hash": chash,
-        **({"unit": unit, "n_cases_labelled": rounds[-1].get("n_cases_labelled")} if unit == "slice" else {}),
+        **({"unit": unit, "n_cases_labelled": rounds[-1].get("n_cases_labelled")} if unit != "volume" else {}),
         "rounds": len(rounds), "n_labeled": rounds[-1]["n_labeled"] if rounds else 0,
         "final_metrics": rounds[-1]["metrics"] if rounds else {},
         "curve": [{"fraction_labelled": f, "n_labeled": r["n_labeled"], "dice_mean": d,

@@ -163,7 +163,7 @@ class PoolShard:
 
     def score(self, ckpt: list, ckpt_hash: str, segmenter_cls: str, feature_names: Sequence[str],
               params: Any, ids: Sequence[str] | None = None, release_others: bool = True,
-              slice_axis: int | None = None) -> dict[str, Any]:
+              unit_grid: Any = None) -> dict[str, Any]:
         """Score cases with the checkpoint; see :meth:`ShardedPool.score`.
 
         Args:
@@ -175,12 +175,13 @@ class PoolShard:
             params: a ``FeatureParams``.
             ids: the cases to score (default: all held). They are loaded from the store if not resident.
             release_others: release held cases not in ``ids`` (the driver's assignment is authoritative).
-            slice_axis: slice units: each feature per slice along this axis (``float32 [S]`` per case, S varying).
+            unit_grid: units below a volume (:class:`raylearn.units.UnitGrid`, slices or patches): each feature
+                per unit (``float32 [S]`` per case, S varying; ``class_entropy`` ``[S, K]``).
 
         Returns:
             ``{"shard", "ids": list[str] (N), "features": {name: array [N, ...]}, "load_s", "score_s", "cpu_s",
-            "pid"}`` (seconds: model load, wall and process CPU time of the scoring loop). With ``slice_axis`` each
-            feature is an object array ``[N]`` of per-case ``float32 [S]`` vectors.
+            "pid"}`` (seconds: model load, wall and process CPU time of the scoring loop). With ``unit_grid`` each
+            feature is an object array ``[N]`` of per-case ``float32 [S]`` (or ``[S, K]``) arrays.
         """
         from raylearn.scoring.features import compute_features
 
@@ -191,7 +192,7 @@ class PoolShard:
         rows: dict[str, list[np.ndarray]] = {}
         for k, cid in enumerate(ids):
             try:
-                feats = compute_features(seg, self._cases[cid], list(feature_names), params, slice_axis=slice_axis)
+                feats = compute_features(seg, self._cases[cid], list(feature_names), params, unit_grid=unit_grid)
             except Exception as err:  # name the case: the traceback alone does not say which one failed
                 msg = f"shard {self.index}: scoring case {cid!r} failed: {type(err).__name__}: {err}"
                 raise PoolError(msg) from err
@@ -204,7 +205,7 @@ class PoolShard:
                                 f"expected {sorted(rows)}")
             for name, value in feats.items():
                 rows[name].append(compact_feature(name, value, cid))
-        features = {name: (ragged(vals) if slice_axis is not None else np.stack(vals)) for name, vals in rows.items()}
+        features = {name: (ragged(vals) if unit_grid is not None else np.stack(vals)) for name, vals in rows.items()}
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,
                 "score_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
@@ -422,7 +423,8 @@ class ShardedPool:
         return out
 
     def score(self, segmenter: Any, feature_names: Sequence[str], params: Any = None,
-              segmenter_cls: str | type | None = None, slice_axis: int | None = None) -> dict[str, Any]:
+              segmenter_cls: str | type | None = None, slice_axis: int | None = None,
+              unit_grid: Any = None) -> dict[str, Any]:
         """Score every pool case in parallel: one call per shard, gathered as they finish.
 
         Args:
@@ -432,12 +434,16 @@ class ShardedPool:
             params: a ``FeatureParams`` (default ``FeatureParams()``).
             segmenter_cls: class (or ``"module:QualName"``) that loads a checkpoint path/bytes; default the
                 instance's own class, else ``MonaiSegmenter``.
-            slice_axis: slice units: every feature per slice along this axis of ``[D, H, W]``.
+            slice_axis: slice units: every feature per slice along this axis of ``[D, H, W]`` (shorthand of
+                ``unit_grid=UnitGrid("slice", axis)``).
+            unit_grid: units below a volume (:class:`raylearn.units.UnitGrid`: slices or patches): every feature
+                per unit.
 
         Returns:
             ``{"ids": np.ndarray[str] (N,), "features": {name: np.ndarray [N, ...]}}``, rows aligned with the
-            sorted unlabeled ids; each case exactly once. With ``slice_axis``, each feature is an object array
-            ``[N]`` of per-case ``float32 [S]`` vectors (one score per slice). Timings are in :attr:`last_stats`.
+            sorted unlabeled ids; each case exactly once. With units below a volume, each feature is an object
+            array ``[N]`` of per-case ``float32 [S]`` vectors (one score per unit; ``[S, K]`` for vectors).
+            Timings are in :attr:`last_stats`.
 
         Raises:
             PoolError: shards stayed dead beyond ``config.max_redistributions``, or coverage is not exactly once.
@@ -446,11 +452,15 @@ class ShardedPool:
 
         names = validate_feature_names(feature_names)  # ValueError naming unknown features, before any work
         params = FeatureParams() if params is None else params
+        if unit_grid is None and slice_axis is not None:
+            from raylearn.units import UnitGrid
+
+            unit_grid = UnitGrid("slice", int(slice_axis))
         t0 = time.perf_counter()
         ref, digest, cls = self._checkpoint_ref(segmenter, segmenter_cls)
         put_s = time.perf_counter() - t0
         args = (ref, digest, cls, names, params)
-        pending = {self._actors[i].score.remote(*args, ids, True, slice_axis): (i, ids)
+        pending = {self._actors[i].score.remote(*args, ids, True, unit_grid): (i, ids)
                    for i, ids in self._assign.items() if ids}
         expected = self.unlabeled_ids()
         results: list[dict[str, Any]] = []
@@ -477,7 +487,7 @@ class ShardedPool:
                                         f"used this round (pool.max_redistributions): {err}") from err
                     log.warning("pool: shard %d is dead (%s); moving %d case(s)", i, type(err).__name__, len(ids))
                     for j, sub in self._replace(i, ids).items():
-                        pending[self._actors[j].score.remote(*args, sub, False, slice_axis)] = (j, sub)
+                        pending[self._actors[j].score.remote(*args, sub, False, unit_grid)] = (j, sub)
                     continue
                 results.append(res)
                 bar.update(len(res["ids"]))

@@ -1,13 +1,16 @@
-"""The round loop's annotation-unit glue (``unit: volume | slice``), kept out of :mod:`raylearn.loop`.
+"""The round loop's annotation-unit glue (``unit: volume | slice | patch``), kept out of :mod:`raylearn.loop`.
 
 With ``unit: volume`` every helper here is the identity of what the loop did before slice units (units are case
-ids). With ``unit: slice``:
+ids). With ``unit: slice`` or ``unit: patch``:
 
-- :func:`unit_space`: the pool's slice units from the store's grid shapes (:class:`raylearn.units.UnitSpace`);
-- :func:`slice_view`: the strategy's :class:`~raylearn.strategies.PoolView` over slice units: the shards compute
-  each model feature per slice (the voxel map reduced over the slice, :func:`raylearn.scoring.reduce.reduce_slices`)
-  and the last pseudo-labelling stage's scores come as the feature ``propagation_score`` (NaN where absent);
-- :func:`training_ids`: the cases training reads (any annotated slice, or pseudo-labels);
+- :func:`unit_space`: the pool's slice or patch units from the store's grid shapes
+  (:class:`raylearn.units.UnitSpace`);
+- :func:`slice_view`: the strategy's :class:`~raylearn.strategies.PoolView` over the units: the shards compute
+  each model feature per unit (the voxel map reduced over the slice or patch,
+  :func:`raylearn.scoring.reduce.reduce_slices` / :func:`~raylearn.scoring.reduce.reduce_regions`), ground-truth
+  features (nnActive's foreground-aware random) are counted per unit from the store, and the last pseudo-labelling
+  stage's scores come as the feature ``propagation_score`` (NaN where absent);
+- :func:`training_ids`: the cases training reads (any annotated unit, or pseudo-labels);
 - :func:`propagate_round`: a strategy's pseudo-labelling stage (:mod:`raylearn.propagation`), recorded in the
   ledger (kind ``propagated``) and re-used on resume.
 """
@@ -30,38 +33,40 @@ PROPAGATION_FEATURE = "propagation_score"
 
 
 def unit_space(cfg, store, pool_ids: list[str]) -> UnitSpace:
-    """The run's annotation units: the pool's cases, or every slice of them along ``unit.axis``."""
-    if cfg.unit.kind != "slice":
+    """The run's annotation units: the pool's cases, every slice of them along ``unit.axis``, or every patch of
+    at most ``unit.size``."""
+    if cfg.unit.kind == "volume":
         return UnitSpace(pool_ids)
     table = store.manifest.set_index("case_id")
     shapes = {c: tuple(int(x) for x in table.at[c, "shape"]) for c in pool_ids}
-    return UnitSpace(pool_ids, "slice", cfg.unit.axis, shapes)
+    return UnitSpace(pool_ids, cfg.unit.kind, cfg.unit.axis, shapes, patch_size=cfg.unit.size)
 
 
 def training_ids(units: UnitSpace, labeled: list[str], labels) -> list[str]:
     """What training reads: the labelled cases (volume units), or the cases with an annotated slice or
     pseudo-labels (slice units), in pool order."""
-    if not units.slices:
+    if not units.partial:
         return list(labeled)
     have = set(units.labelled_cases(labeled)) | set(labels.pseudo_ids())
     return [c for c in units.case_ids if c in have]
 
 
 def slice_view(pool, checkpoint: str | None, strategy, cfg, units: UnitSpace, labeled: list[str],
-               round_index: int | None, scores: dict[str, float] | None):
-    """The strategy's PoolView over slice units (see the module docstring).
+               round_index: int | None, scores: dict[str, float] | None, store=None):
+    """The strategy's PoolView over slice or patch units (see the module docstring).
 
     Args:
-        pool: the :class:`~raylearn.pool.ShardedPool` holding the cases with unlabelled slices.
+        pool: the :class:`~raylearn.pool.ShardedPool` holding the cases with unlabelled units.
         checkpoint: the segmenter's checkpoint (None before round 0 trained: no model features then).
-        strategy: the round's strategy (its ``requires`` are per-slice features, checked at config load).
+        strategy: the round's strategy (its ``requires`` are per-unit features, checked at config load).
         cfg: the experiment config.
-        units: the run's slice units.
-        labeled: slice unit ids labelled so far.
+        units: the run's slice or patch units.
+        labeled: unit ids labelled so far.
         round_index: the round the selection is for.
         scores: the last pseudo-labelling stage's unit scores, or None.
+        store: the pool store (ground-truth features per unit, :func:`~raylearn.scoring.features.label_unit_records`).
     """
-    from raylearn.scoring.features import UNIT_FEATURES, model_features
+    from raylearn.scoring.features import LABEL_FEATURES, UNIT_FEATURES, label_unit_records, model_features
     from raylearn.strategies import PoolView
 
     ids = np.asarray(units.ids, dtype=str)
@@ -69,12 +74,19 @@ def slice_view(pool, checkpoint: str | None, strategy, cfg, units: UnitSpace, la
     features: dict[str, np.ndarray] = {}
     needs = model_features(set(strategy.requires) - set(UNIT_FEATURES))
     if needs:
-        res = pool.score(checkpoint, needs, cfg.features, slice_axis=units.axis)
+        res = pool.score(checkpoint, needs, cfg.features, unit_grid=units.grid)
         for name, col in res["features"].items():
-            per_unit: dict[str, float] = {}
+            per_unit: dict[str, float | np.ndarray] = {}
             for k, cid in enumerate(res["ids"]):
                 per_unit.update(units.spread(str(cid), col[k]))
             features[name] = units.align(per_unit).astype(np.float32)
+    gt_needs = sorted(set(strategy.requires) & set(LABEL_FEATURES))
+    if gt_needs:
+        if store is None:
+            raise ValueError(f"features {gt_needs} per unit need the pool store's ground truth")
+        recs = label_unit_records(store, units, units.open_cases(labeled), gt_needs)
+        for name in gt_needs:
+            features[name] = units.align({u: r[name] for u, r in recs.items()}).astype(np.float32)
     if scores is not None or PROPAGATION_FEATURE in strategy.requires:
         features[PROPAGATION_FEATURE] = units.align(scores or {})
     ctx = {"round_index": round_index, "n_rounds": cfg.schedule.rounds}

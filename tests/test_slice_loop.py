@@ -111,12 +111,14 @@ def test_unit_config_shapes_and_refusals(tmp_path, copy_nearest):
     assert _cfg(tmp_path, "b", unit="slice").unit.kind == "slice"
     assert _cfg(tmp_path, "c", unit="volume", strategy={"name": "random"}).unit.kind == "volume"
     for over, match in [
-        ({"unit": "patch"}, "unit: must be 'volume', 'slice'"),
+        ({"unit": "slices"}, "unit: must be 'volume', 'slice', 'patch'"),
         ({"unit": {"kind": "slice", "axis": 3}}, "unit.axis"),
         ({"unit": {"kind": "slice", "index": 1}}, "unit.index: unknown key"),
+        ({"unit": {"kind": "slice", "size": 4}}, "unit.size: only patch units have a size"),
         ({"strategy": {"name": "typiclust"}}, "strategy.name: 'typiclust' does not support unit: slice"),
-        ({"strategy": {"name": "clasp_pe"}}, "'clasp_pe' does not support unit: slice"),
-        ({"cold_start": {"strategy": "fg_random"}}, "cold_start.strategy: 'fg_random' does not support"),
+        ({"strategy": {"name": "kcenter"}}, "'kcenter' does not support unit: slice"),
+        ({"cold_start": {"strategy": "fg_random", "params": {"variant": "predicted_cover"}}},
+         "cold_start.strategy: 'fg_random' does not support"),
         ({"model": {"backend": "nnunet"}}, "model.backend: nnunet"),
         ({"oracle": "human"}, "oracle: human"),
         ({"schedule": {"mode": "async"}}, "schedule.mode: async"),

@@ -30,18 +30,20 @@ from pydantic import Field, field_validator
 from raylearn.config import StrictModel
 from raylearn.models.base import Segmenter
 from raylearn.scoring import uncertainty as unc
-from raylearn.scoring.reduce import foreground_volume, reduce_map, reduce_slices
+from raylearn.scoring.reduce import foreground_volume, reduce_map, reduce_regions, reduce_slices
 from raylearn.scoring.sbc import sbc_case_scores
 
 __all__ = [
     "FEATURES",
     "LABEL_FEATURES",
+    "PER_UNIT_FEATURES",
     "SLICE_FEATURES",
     "UNIT_FEATURES",
     "FeatureParams",
     "FeatureSpec",
     "compute_features",
     "label_feature_records",
+    "label_unit_records",
     "model_calls_for",
     "model_features",
     "validate_feature_names",
@@ -96,10 +98,16 @@ LABEL_FEATURES: dict[str, FeatureSpec] = {
     ),
 }
 
-#: scalar features that also exist per slice (``compute_features(..., slice_axis=a)``): the voxel map reduced over
-#: each slice along axis ``a`` (:func:`raylearn.scoring.reduce.reduce_slices`), ``float32 [n_slices]`` per case
+#: scalar features that also exist per unit below a volume (``compute_features(..., unit_grid=g)``): the voxel map
+#: reduced over each slice (:func:`raylearn.scoring.reduce.reduce_slices`) or patch
+#: (:func:`raylearn.scoring.reduce.reduce_regions`), ``float32 [S]`` per case
 SLICE_FEATURES = frozenset(
     {"least_confidence", "entropy", "margin", "mc_entropy", "bald", "mc_variance", "tta_variance"})
+
+#: every feature that exists per slice or patch unit: the scalar ones, ``class_entropy`` (the region means of
+#: ClaSP PE's maps, ``float32 [S, K]`` per case, nnActive's region score) and the ground-truth
+#: ``label_class_voxels`` (counted in each unit's region by the driver, :func:`label_unit_records`)
+PER_UNIT_FEATURES = SLICE_FEATURES | {"class_entropy", "label_class_voxels"}
 
 #: features the loop supplies per slice unit, never a model or the shards (see :mod:`raylearn.units`)
 UNIT_FEATURES: dict[str, FeatureSpec] = {
@@ -237,6 +245,7 @@ def compute_features(
     names: Iterable[str],
     params: FeatureParams | None = None,
     slice_axis: int | None = None,
+    unit_grid=None,
 ) -> dict[str, np.ndarray]:
     """Compute exactly the requested features of one case (or of each of its slices).
 
@@ -247,19 +256,26 @@ def compute_features(
         names: feature names (keys of :data:`FEATURES`); duplicates are ignored.
         params: :class:`FeatureParams` (defaults when ``None``).
         slice_axis: slice units: every scalar feature is reduced per slice along this axis (0, 1 or 2 of
-            ``[D, H, W]``) instead of over the volume; only :data:`SLICE_FEATURES` exist per slice.
+            ``[D, H, W]``) instead of over the volume; shorthand of ``unit_grid=UnitGrid("slice", axis)``.
+        unit_grid: units below a volume (a :class:`raylearn.units.UnitGrid`: slices or patches): every feature is
+            reduced per unit; only :data:`PER_UNIT_FEATURES` computed by a model exist per unit.
 
     Returns:
         ``{name: array}`` with exactly the requested names: scalars as ``float32`` 0-d arrays (``float32 [S]``, one
-        per slice along ``slice_axis``, when it is given), embeddings ``float16 [F]``, ``fg_volume`` ``float32
-        [K-1]``, ``class_entropy`` ``float32 [K]``.
+        per unit with a unit grid; ``class_entropy`` then ``float32 [S, K]``), embeddings ``float16 [F]``,
+        ``fg_volume`` ``float32 [K-1]``, ``class_entropy`` ``float32 [K]``.
     """
     wanted = set(validate_feature_names(names))
-    if slice_axis is not None:
-        per_case = sorted(wanted - SLICE_FEATURES)
+    if slice_axis is not None and unit_grid is None:
+        from raylearn.units import UnitGrid
+
+        unit_grid = UnitGrid("slice", int(slice_axis))
+    if unit_grid is not None:
+        per_case = sorted(wanted - (PER_UNIT_FEATURES - set(LABEL_FEATURES)))
         if per_case:
-            raise ValueError(f"feature(s) {per_case} exist per case only, not per slice (slice units); "
-                             f"per-slice features: {', '.join(sorted(SLICE_FEATURES))}")
+            raise ValueError(f"feature(s) {per_case} exist per case only, not per {unit_grid.kind} "
+                             f"({unit_grid.kind} units); per-unit features: "
+                             f"{', '.join(sorted(PER_UNIT_FEATURES - set(LABEL_FEATURES)))}")
     params = params or FeatureParams()
     image = np.asarray(image)
     if image.ndim != 4:
@@ -273,9 +289,11 @@ def compute_features(
     out: dict[str, np.ndarray] = {}
 
     def reduced(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        if slice_axis is None:
+        if unit_grid is None:
             return _scalar(reduce_map(values, labels=labels, **red))
-        return reduce_slices(values, slice_axis, labels=labels, **red).astype(np.float32)
+        if unit_grid.kind == "slice":
+            return reduce_slices(values, unit_grid.axis, labels=labels, **red).astype(np.float32)
+        return reduce_regions(values, unit_grid.regions(values.shape), labels=labels, **red).astype(np.float32)
 
     probs = None
     if "tta_variance" in wanted:
@@ -302,10 +320,12 @@ def compute_features(
                 out[name] = reduced(vmap(name), labels)
         if "fg_volume" in wanted:
             out["fg_volume"] = foreground_volume(labels, k).astype(np.float32)
-        if "class_entropy" in wanted:  # always the plain volume mean: nnActive averages over the queried region
-            out["class_entropy"] = unc.class_weighted_entropy(probs).mean(axis=(1, 2, 3), dtype=np.float64).astype(
-                np.float32
-            )
+        if "class_entropy" in wanted:  # always the plain region mean: nnActive averages over the queried region
+            cwe = unc.class_weighted_entropy(probs)
+            if unit_grid is None:
+                out["class_entropy"] = cwe.mean(axis=(1, 2, 3), dtype=np.float64).astype(np.float32)
+            else:
+                out["class_entropy"] = reduce_regions(cwe, unit_grid.regions(cwe.shape)).astype(np.float32)
         if "weighted_embedding" in wanted:
             emb = _call(segmenter, "embed", wanted, image, weights=vmap(params.weight_map))
             out["weighted_embedding"] = np.asarray(emb, dtype=np.float32).ravel().astype(np.float16)
@@ -328,3 +348,37 @@ def compute_features(
             np.asarray(_call(segmenter, "embed", wanted, image), dtype=np.float32).ravel().astype(np.float16)
         )
     return {name: out[name] for name in sorted(wanted)}
+
+
+def label_unit_records(store, units, case_ids: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Ground-truth features of every unit of ``case_ids`` (slice or patch units): ``{unit id: {name: array}}``.
+
+    ``label_class_voxels`` per unit is ``float32 [K-1]``, the ground-truth voxels of each foreground class inside
+    the unit's region, counted from the store's label volume (what the simulated oracle would reveal).
+
+    Args:
+        store: a :class:`raylearn.data.store.PoolStore` with ground truth.
+        units: the run's :class:`raylearn.units.UnitSpace` (units below a volume).
+        case_ids: the cases whose units are wanted.
+        names: label feature names (others are ignored).
+
+    Raises:
+        ValueError: a case has no ground-truth label (these features need the simulated oracle).
+    """
+    if not [n for n in names if n in LABEL_FEATURES]:
+        return {}
+    from raylearn.units import parse_unit
+
+    k = int(getattr(store, "num_classes", 0) or len(getattr(store, "labels", {}) or {}))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for cid in case_ids:
+        label = store.get(cid).label
+        if label is None:
+            raise ValueError(f"feature 'label_class_voxels': case {cid!r} has no ground-truth label in the store "
+                             "(foreground-aware random needs the simulated oracle's labels)")
+        label = np.asarray(label)
+        kk = max(k, int(label.max()) + 1)
+        for uid in units.units_of(cid):
+            part = label[parse_unit(uid).region(label.shape)].ravel().astype(np.int64)
+            out[uid] = {"label_class_voxels": np.bincount(part, minlength=kk)[1:kk].astype(np.float32)}
+    return out

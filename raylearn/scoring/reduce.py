@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["REDUCTIONS", "area_resize", "foreground_volume", "reduce_map", "reduce_slices", "topk_count",
-           "weighted_pool"]
+__all__ = ["REDUCTIONS", "area_resize", "foreground_volume", "reduce_map", "reduce_regions", "reduce_slices",
+           "topk_count", "weighted_pool"]
 
 #: names accepted by :func:`reduce_map`
 REDUCTIONS = ("mean", "sum", "topk_mean", "foreground", "class_mean")
@@ -128,6 +128,52 @@ def reduce_slices(
     return np.array([reduce_map(values.take(i, axis=axis), reduction, topk=topk,
                                 labels=None if labels is None else np.asarray(labels).take(i, axis=axis))
                      for i in range(values.shape[axis])], dtype=np.float64)
+
+
+def reduce_regions(
+    values: np.ndarray,
+    regions: Sequence[tuple],
+    reduction: str = "mean",
+    *,
+    topk: float = 0.05,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Reduce a voxel map to one score per region (patch units): the volume reduction of each region.
+
+    Region ``i`` scores ``reduce_map(values[regions[i]], reduction, topk=topk, labels=labels[regions[i]])``, so a
+    patch score is exactly what :func:`reduce_map` gives for a volume made of that patch alone.
+
+    Args:
+        values: ``[D, H, W]`` voxel map, or ``[C, D, H, W]`` with ``reduction="mean"`` (a mean per channel).
+        regions: numpy indices of the spatial axes (e.g. :meth:`raylearn.units.UnitGrid.regions`).
+        reduction: see :func:`reduce_map` (only ``mean`` for a ``[C, D, H, W]`` map).
+        topk: see :func:`reduce_map`.
+        labels: predicted label map ``[D, H, W]`` (``foreground`` and ``class_mean``).
+
+    Returns:
+        ``float64 [len(regions)]``, or ``[len(regions), C]`` for a ``[C, D, H, W]`` map.
+    """
+    values = np.asarray(values)
+    if values.ndim not in (3, 4):
+        raise ValueError(f"reduce_regions: expected a [D, H, W] (or [C, D, H, W]) voxel map, got shape {values.shape}")
+    if values.ndim == 4 and reduction != "mean":
+        raise ValueError(f"reduce_regions: a [C, D, H, W] map is reduced by its mean only, not {reduction!r}")
+    if labels is not None and np.shape(labels) != values.shape[-3:]:
+        raise ValueError(f"reduce_regions: labels shape {np.shape(labels)} != values shape {values.shape[-3:]}")
+    if not regions:
+        return np.zeros((0, *values.shape[:-3]), dtype=np.float64)
+    out = []
+    for region in regions:
+        region = tuple(region)[-3:]
+        if values.ndim == 4:
+            out.append(values[(slice(None), *region)].reshape(values.shape[0], -1).mean(axis=1, dtype=np.float64))
+            continue
+        part = values[region]
+        if part.size == 0:
+            raise ValueError(f"reduce_regions: region {region} is empty in a map of shape {values.shape}")
+        part_labels = None if labels is None else np.asarray(labels)[region]
+        out.append(reduce_map(part, reduction, topk=topk, labels=part_labels))
+    return np.asarray(out, dtype=np.float64)
 
 
 def foreground_volume(labels: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None) -> np.ndarray:

@@ -155,8 +155,8 @@ class QueryStrategy(ABC):
     name: ClassVar[str] = ""
     #: features the strategy always needs (see :data:`raylearn.scoring.features.FEATURES`)
     requires: ClassVar[frozenset[str]] = frozenset()
-    #: annotation units it selects (``"volume"``, ``"slice"``; see :mod:`raylearn.units`); None = derived from the
-    #: features (:meth:`supported_units`)
+    #: annotation units it selects (``"volume"``, ``"slice"``, ``"patch"``; see :mod:`raylearn.units`); None =
+    #: derived from the features (:meth:`supported_units`)
     units: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, *, random_state: int | None = 0) -> None:
@@ -186,16 +186,17 @@ class QueryStrategy(ABC):
 
     def supported_units(self) -> frozenset[str]:
         """The annotation units this configured instance can select: ``units`` when the class sets it, else
-        ``volume`` always and ``slice`` when every required feature exists per slice
-        (:data:`~raylearn.scoring.features.SLICE_FEATURES`, :data:`~raylearn.scoring.features.UNIT_FEATURES`)
-        and it reads no labelled cases' features (a slice's score is its voxel map reduced over the slice; a
-        strategy on case-level embeddings, vectors or ground truth has no slice version)."""
+        ``volume`` always, and ``slice`` and ``patch`` when every required feature exists per unit
+        (:data:`~raylearn.scoring.features.PER_UNIT_FEATURES`, :data:`~raylearn.scoring.features.UNIT_FEATURES`)
+        and it reads no labelled cases' features (a unit's score is its voxel map reduced over the unit's region; a
+        strategy on case-level embeddings or predicted volumes has no per-unit version)."""
         if type(self).units is not None:
             return frozenset(type(self).units)
-        from raylearn.scoring.features import SLICE_FEATURES, UNIT_FEATURES
+        from raylearn.scoring.features import PER_UNIT_FEATURES, UNIT_FEATURES
 
-        per_slice = self.required_features() <= (SLICE_FEATURES | set(UNIT_FEATURES))
-        return frozenset({"volume", "slice"} if per_slice and not self.needs_labeled_features() else {"volume"})
+        per_unit = self.required_features() <= (PER_UNIT_FEATURES | set(UNIT_FEATURES))
+        return frozenset({"volume", "slice", "patch"} if per_unit and not self.needs_labeled_features()
+                         else {"volume"})
 
     def needs_labeled_features(self) -> bool:
         """Whether :meth:`select` also reads the required features of the *labelled* cases (so the pool must
