@@ -70,6 +70,11 @@ def test_benchmark_specific_settings(bench, tmp_path):
     cfg = parse_config(clasp._base_config(args), ExperimentConfig)
     assert (cfg.cold_start.strategy, cfg.cold_start.size, cfg.schedule.rounds, cfg.schedule.batch_size) == \
         ("fg_random", 5, 1, 2)
+    patch = clasp.parse_args(["--unit", "patch", "--patch-size", "20", "--cold", "244", "--batch", "122"])
+    cfg = parse_config(clasp._base_config(patch), ExperimentConfig)
+    assert (cfg.unit.kind, cfg.unit.size, cfg.cold_start.size, cfg.schedule.batch_size) == \
+        ("patch", (20, 20, 20), 244, 122)
+    assert patch.out.parts[-2:] == ("runs", "bench_clasp_patch") and clasp.parse_args([]).out.name == "bench_clasp"
     al = bench("al_hippocampus")
     cfg = parse_config(al._base_config(al.parse_args(out + ["--mc-samples", "8"])), ExperimentConfig)
     assert cfg.features.mc_samples == 8 and cfg.features.reduction == "foreground"

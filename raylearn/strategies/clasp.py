@@ -21,14 +21,19 @@ Checked against the authors' code, MIC-DKFZ/nnActive (read, not copied; line num
   cold start + ``R`` query rounds is ``query_steps = R + 1`` trainings, and query round ``r`` is ``loop_val =
   r - 1``: ``beta_r = 100 ** ((r - 1) / R)``, from 1 (diverse) towards 100 (near top-k).
 
-Deviations (volumes, one model):
+Units: with ``unit: volume`` a query is a whole case and the region mean is the volume mean; with ``unit: {kind:
+patch, size: [d, h, w]}`` (nnActive's setting) a query is one 3D patch and the region mean is the patch mean (the
+shards reduce the class maps per patch); ``unit: slice`` works the same way on slices.
 
-- nnActive queries 3D patches; raylearn queries whole volumes (patch queries wait for slice/patch units), so the
-  region mean is the volume mean and a case is one query. nnActive resolves a region wanted by two strata per image
-  in a random class order (``entropy_balanced.py`` lines 100-127) because patches of one image must not overlap;
-  for whole volumes that would hand each case to one random stratum and undo the stratification. Here the strata
-  pick in turns (round robin: the classes in a random order, then the unstratified stratum), each taking its best
-  noised score among the cases not yet taken, until every quota is met.
+Deviations (one model; fixed patch grid):
+
+- nnActive places each query patch anywhere in the image (the best window of its aggregated score map, then
+  non-overlapping with earlier picks); raylearn's patches are the fixed tiles of :func:`raylearn.units.patch_boxes`
+  (near-equal boxes of at most the configured size), which never overlap, so every tile is a candidate. nnActive
+  resolves a region wanted by two strata in a random class order (``entropy_balanced.py`` lines 100-127); here the
+  strata pick in turns (round robin: the classes in a random order, then the unstratified stratum), each taking its
+  best noised score among the units not yet taken, until every quota is met (for whole volumes, nnActive's rule would
+  hand each case to one random stratum and undo the stratification).
 - nnActive averages the softmax of its 5 fold models; raylearn trains one segmenter per round, so ``H`` is the
   entropy of that model's softmax.
 """
@@ -200,12 +205,12 @@ def stratified_select(keys: np.ndarray, quotas: np.ndarray, order: np.ndarray, r
 
 @register_strategy("clasp_pe")
 class ClaSPPE(QueryStrategy):
-    """ClaSP PE on whole volumes (see the module docstring for the nnActive source and the deviations).
+    """ClaSP PE on volumes, patches or slices (see the module docstring for the nnActive source and deviations).
 
-    Per query round ``r`` of ``R``: every stratum's scores (``class_entropy [K]``: the volume mean of ``H`` and of
+    Per query round ``r`` of ``R``: every stratum's scores (``class_entropy [K]``: the unit's mean of ``H`` and of
     ``H * p_c`` for each foreground class ``c``) get log-scale power noise with ``beta_r`` from the schedule;
-    ``int(budget * fg_ratio)`` cases are shared by the foreground classes (each class's best cases by its own
-    noised score, so rare structures are covered) and the rest go to the best cases by noised ``H``.
+    ``int(budget * fg_ratio)`` units are shared by the foreground classes (each class's best units by its own
+    noised score, so rare structures are covered) and the rest go to the best units by noised ``H``.
 
     The round comes from the pool view (``PoolView.round_index`` / ``n_rounds``, set by the loop); the schedule
     runs over ``query_steps = n_rounds + 1`` trainings as in nnActive, unless ``query_steps`` is given.

@@ -12,9 +12,12 @@ baseline that knows where the foreground is. Its variants, in MIC-DKFZ/nnActive 
   ``num_per_label`` queries containing each class, the class present in the fewest images first;
 - images are visited in one shuffled order, cycling (``random.py`` lines 53-56 and 68).
 
-raylearn queries whole volumes, where "a region centred on foreground" becomes "a case that contains
-foreground" (and ``border`` the same as ``seg``). When every case contains every class (hippocampus), these
-variants choose like uniform random, by construction; they differ on datasets where cases lack some class.
+With ``unit: volume`` raylearn queries whole volumes, where "a region centred on foreground" becomes "a case that
+contains foreground" (and ``border`` the same as ``seg``): when every case contains every class (hippocampus), these
+variants choose like uniform random, by construction. With ``unit: patch`` (nnActive's setting) or ``unit: slice``
+the unit is a fixed tile or slice and ``seg`` / ``border`` become "a unit that contains ground-truth foreground"
+(``label_class_voxels`` counted per unit); a tile is not re-centred on the chosen voxel as nnActive's free-placed
+patches are.
 """
 
 from __future__ import annotations
