@@ -17,12 +17,13 @@ is idempotent: the latest version is returned, nothing is written (``created=Fal
 Records: ``{"kind": "label", "case_id", "version", "tag", "source" ("simulated" | "human" | "pseudo"), "annotator",
 "time" (unix s), "sha256" (of the array bytes and shape), "shape", "foreground_voxels", "path", "info"}``.
 
-Partial labels (``unit: slice`` runs, :meth:`LabelStore.put_partial`): a version also names a boolean mask of the
-annotated voxels (``cases/<case_id>/v0002.mask.npy``; record fields ``mask_path``, ``mask_sha256``,
-``annotated_voxels`` and ``units``, the slice unit ids annotated so far). A new slice adds a version whose label and
-mask are the previous version's merged with the new slice (the mask is the union). A version without ``mask_path``
-is a whole-volume label (every voxel annotated). Pseudo-labels (:meth:`LabelStore.put_pseudo`) are stored under their
-own tag ``pseudo`` with ``source="pseudo"``; each round's replace the previous ones and they never count as cost.
+Partial labels (``unit: slice`` or ``unit: patch`` runs, :meth:`LabelStore.put_partial`): a version also names a
+boolean mask of the annotated voxels (``cases/<case_id>/v0002.mask.npy``; record fields ``mask_path``,
+``mask_sha256``, ``annotated_voxels`` and ``units``, the slice or patch unit ids annotated so far). A new unit adds
+a version whose label and mask are the previous version's merged with the new unit (the mask is the union). A
+version without ``mask_path`` is a whole-volume label (every voxel annotated). Pseudo-labels
+(:meth:`LabelStore.put_pseudo`) are stored under their own tag ``pseudo`` with ``source="pseudo"``; each round's
+replace the previous ones and they never count as cost.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 
 from raylearn.ledger import Ledger
 
-__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "LabelledStore", "PSEUDO_TAG", "label_digest", "fsync_dir",
+__all__ = ["LabelRecord", "LabelStore", "LabelStoreError", "PSEUDO_TAG", "label_digest", "fsync_dir",
            "file_lock", "mask_digest"]
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class LabelStore:
         return hist[-1]
 
     def labelled_units(self, case_id: str | None = None) -> list[str]:
-        """Slice unit ids annotated so far (``final`` partial labels), of one case or of every case."""
+        """Slice or patch unit ids annotated so far (``final`` partial labels), of one case or of every case."""
         latest: dict[str, dict] = {}
         for r in self._refresh():
             if r["tag"] == "final" and (case_id is None or r["case_id"] == case_id):
@@ -351,7 +352,7 @@ class LabelStore:
             annotated: bool ``[D, H, W]``, the voxels this annotation covers.
             source: ``"simulated"`` or ``"human"``.
             annotator: who made it.
-            units: slice unit ids this annotation covers (``"<case>@<axis>:<index>"``), kept in the record.
+            units: slice or patch unit ids this annotation covers (:mod:`raylearn.units`), kept in the record.
             tag: the label tag (``final`` is what training reads).
             info: extra JSON-able details kept in the record.
 
@@ -437,78 +438,3 @@ class LabelStore:
         log.info("label store: %s v%d pseudo-labels of round %d (%d voxels)", case_id, rec.version, round_index,
                  rec.annotated_voxels)
         return rec
-
-
-class LabelledStore:
-    """A pool store whose labels come from a :class:`LabelStore`: what training processes are handed.
-
-    ``get(case_id)`` returns the pool store's image with the latest ``final`` label of the label store (None
-    when the case has none), so every reader of training data (the persistent service's workers, nnU-Net's
-    export) sees only labels the oracle delivered. Everything else is the pool store's. Pickles as both paths.
-    """
-
-    def __init__(self, store, labels: LabelStore) -> None:
-        self.store, self.labels = store, labels
-
-    def __reduce__(self):
-        return (LabelledStore, (self.store, self.labels))
-
-    def __getattr__(self, name: str):
-        if name in ("store", "labels") or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.store, name)
-
-    def __contains__(self, case_id: object) -> bool:
-        return case_id in self.store
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def get(self, case_id: str):
-        from raylearn.data.store import StoredCase
-
-        case = self.store.get(case_id)
-        try:
-            label = self.labels.read(case_id)
-        except KeyError:
-            label = None
-        if label is not None and label.shape != tuple(case.image.shape[1:]):
-            raise LabelStoreError(f"case {case_id!r}: stored label {label.shape} does not match the image grid "
-                                  f"{case.image.shape[1:]}")
-        return StoredCase(case.case_id, case.image, label, case.spacing, case.split)
-
-    def label_version(self, case_id: str) -> int | None:
-        """The latest version of a case's ``final`` or ``pseudo`` label (versions count per case across tags, so a
-        correction, a new slice or a new round's pseudo-labels all change it and make training re-read the case)."""
-        versions = [r.version for r in self.labels.history(case_id) if r.tag in ("final", PSEUDO_TAG)]
-        return max(versions) if versions else None
-
-    def training_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """What training reads: ``(image float32 [C, D, H, W], label uint8 [D, H, W], mask bool [D, H, W] | None)``.
-
-        The label is the annotated voxels' (``final``) with the latest pseudo-labels filled in where nobody
-        annotated; the mask marks the voxels the loss may use (annotated or pseudo-labelled). ``mask`` is None for a
-        whole-volume label without pseudo-labels (every voxel counts, as before slice units).
-
-        Raises:
-            ValueError: the case has neither an annotated nor a pseudo-label.
-        """
-        case = self.store.get(case_id)
-        grid = tuple(case.image.shape[1:])
-        has_final = bool(self.labels.history(case_id, "final"))
-        has_pseudo = bool(self.labels.history(case_id, PSEUDO_TAG))
-        if not has_final and not has_pseudo:
-            raise ValueError(f"case {case_id!r} has no label in the label store; only labelled cases can be trained on")
-        label, mask = (self.labels.read_masked(case_id) if has_final
-                       else (np.zeros(grid, np.uint8), np.zeros(grid, bool)))
-        if label.shape != grid:
-            raise LabelStoreError(f"case {case_id!r}: stored label {label.shape} does not match the image grid {grid}")
-        full = has_final and not self.labels.latest(case_id).partial
-        if has_pseudo:
-            pseudo, filled = self.labels.read_masked(case_id, tag=PSEUDO_TAG)
-            if filled.any():
-                filled = filled & ~mask  # annotations win (the store refuses overlaps; a later slice may add one)
-                label = np.where(filled, pseudo, label).astype(np.uint8)
-                mask = mask | filled
-                full = False
-        return case.image, label, (None if full else mask)

@@ -120,7 +120,7 @@ class CaseCache:
         patch: training patch ``(D, H, W)``; each case is centre-padded with zeros to at least this size.
         reader: ``reader(case_id) -> (image [C,D,H,W], label [D,H,W])`` or ``(image, label, mask bool [D,H,W] |
             None)`` (images from the pool store, labels from the label store:
-            :meth:`raylearn.annotation.labels.LabelledStore.training_case`). Voxels outside ``mask`` (nobody
+            :meth:`raylearn.annotation.labelled.LabelledStore.training_case`). Voxels outside ``mask`` (nobody
             annotated them) are cached as :data:`IGNORE`.
         version_of: ``version_of(case_id) -> int | None``, the label's current version; a cached case whose label
             got a new version (a correction) is read again by :meth:`ensure`.

@@ -123,7 +123,7 @@ class _Loop:
 
     def _read_training_case(self, cid: str):
         """``(image, label, mask | None)``: partial labels (slice units) and pseudo-labels come with the mask of the
-        voxels the loss may use (:meth:`raylearn.annotation.labels.LabelledStore.training_case`)."""
+        voxels the loss may use (:meth:`raylearn.annotation.labelled.LabelledStore.training_case`)."""
         reader = getattr(self.store, "training_case", None)
         return reader(cid) if reader is not None else self._read_case(cid)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raylearn.annotation.labels import PSEUDO_TAG, LabelledStore, LabelStore, LabelStoreError
+from raylearn.annotation.labelled import LabelledStore
+from raylearn.annotation.labels import PSEUDO_TAG, LabelStore, LabelStoreError
 from raylearn.oracle import SimulatedOracle
 
 SHAPE = (3, 4, 5)
