@@ -25,7 +25,6 @@ Sweep YAML::
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -278,6 +277,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
 def _write_results(grid, sweep: SweepConfig, base: dict, out: Path) -> dict:
     from raylearn.curves import alc, plot_compare
     from raylearn.ledger import Ledger
+    from raylearn.tables import write_csv
 
     rows = []
     for res in grid:
@@ -290,11 +290,7 @@ def _write_results(grid, sweep: SweepConfig, base: dict, out: Path) -> dict:
     key = sweep.metric if sweep.metric == "alc" else "final_dice"
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (r[key] is None, sign * (r[key] or 0.0)))
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "trials.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "trials.csv", rows, columns=list(dict.fromkeys(k for r in rows for k in r)))
     curves = []
     for r in rows[: sweep.top_k_plot]:
         # read the trial's ledger: ASHA may stop a trial right after its last report, before summary.json
