@@ -288,3 +288,14 @@ def test_clasp_pe_on_patches_end_to_end_and_resume(ray_session, tmp_path):
     assert 0.0 <= rounds[-1]["metrics"]["dice_mean"] <= 1.0
     again = run_experiment(cfg, resume=True, progress=False)
     assert [r["selected"] for r in again.rounds] == [r["selected"] for r in rounds]
+
+
+def test_the_example_config_validates():
+    """deployments/clasp_patch_hippocampus.yaml: 16^3 patches, FG-aware random cold start of 244 patches (5 % of the
+    hippocampus pool's 4880), ClaSP PE rounds of 122."""
+    from raylearn.experiment import load_experiment
+
+    cfg = load_experiment(Path(__file__).resolve().parents[1] / "deployments" / "clasp_patch_hippocampus.yaml")
+    assert (cfg.unit.kind, cfg.unit.size) == ("patch", (16, 16, 16))
+    assert (cfg.cold_start.strategy, cfg.cold_start.size, cfg.strategy.name, cfg.schedule.batch_size) == \
+        ("fg_random", 244, "clasp_pe", 122)
