@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "MAX_ELEMENTS_PER_CASE", "PoolError", "balance", "checkpoint_bytes", "checkpoint_digest",
+    "MAX_ELEMENTS_PER_CASE", "MAX_ELEMENTS_PER_UNIT", "PoolError", "balance", "checkpoint_bytes", "checkpoint_digest",
     "compact_feature", "detect_segmenter_cls", "SEGMENTER_FORMATS", "load_class", "merge_results",
     "open_store", "ragged", "voxel_counts",
 ]
@@ -33,6 +33,9 @@ __all__ = [
 
 #: a per-case feature with more elements than this is a voxel map, not a compact result
 MAX_ELEMENTS_PER_CASE = 4096
+#: with units below a volume (slices, patches), the allowance per unit (a score, or a small vector such as
+#: ``class_entropy [K]``): a case may return ``max(MAX_ELEMENTS_PER_CASE, n_units * MAX_ELEMENTS_PER_UNIT)``
+MAX_ELEMENTS_PER_UNIT = 64
 
 
 class PoolError(RuntimeError):
@@ -68,13 +71,18 @@ def balance(sizes: Sequence[float], n: int, loads: Sequence[float] | None = None
     return [sorted(b) for b in bins]
 
 
-def compact_feature(name: str, value: Any, case_id: str) -> np.ndarray:
-    """One case's feature as a compact array (float64 -> float32); a voxel-sized array raises :class:`PoolError`."""
+def compact_feature(name: str, value: Any, case_id: str, n_units: int | None = None) -> np.ndarray:
+    """One case's feature as a compact array (float64 -> float32); a voxel-sized array raises :class:`PoolError`.
+
+    ``n_units``: the case's units below a volume (slices, patches) when the feature is per unit; the allowance is
+    then ``MAX_ELEMENTS_PER_UNIT`` per unit (a CT case tiled into thousands of patches still returns one score
+    each)."""
     arr = np.asarray(value)
-    if arr.size > MAX_ELEMENTS_PER_CASE:
+    limit = MAX_ELEMENTS_PER_CASE if n_units is None else max(MAX_ELEMENTS_PER_CASE, n_units * MAX_ELEMENTS_PER_UNIT)
+    if arr.size > limit:
         raise PoolError(
             f"feature {name!r} of case {case_id!r} has shape {arr.shape} ({arr.size} elements > "
-            f"{MAX_ELEMENTS_PER_CASE}); shards return compact per-case results, not voxel maps"
+            f"{limit}); shards return compact per-case results, not voxel maps"
         )
     if arr.dtype == np.float64:
         arr = arr.astype(np.float32)

@@ -222,6 +222,13 @@ class UnitGrid:
             return slice_units(case, shape, self.axis)
         return [PatchUnit(case, box) for box in patch_boxes(shape, self.size)]
 
+    def count(self, shape: Sequence[int]) -> int:
+        """How many units a ``[D, H, W]`` grid (the last 3 axes of ``shape``) has."""
+        shape = tuple(int(x) for x in tuple(shape)[-3:])
+        if self.kind == "slice":
+            return shape[self.axis]
+        return int(np.prod([-(-n // s) for n, s in zip(shape, self.size, strict=True)]))
+
     def regions(self, shape: Sequence[int]) -> list[tuple[slice | int, ...]]:
         """The numpy index of each unit of a ``[D, H, W]`` grid (the last 3 axes of ``shape``), in unit order."""
         shape = tuple(shape)[-3:]

@@ -60,6 +60,22 @@ def test_patch_boxes_tile_the_grid_with_near_equal_boxes():
         patch_boxes((4, 4, 4), (0, 2, 2))
 
 
+def test_unit_grid_counts_and_a_ct_sized_case_returns_per_unit_scores():
+    from raylearn.pool_support import PoolError, compact_feature
+
+    ct = (300, 512, 512)
+    grid = UnitGrid("patch", size=(16, 16, 16))
+    assert grid.count(ct) == 19 * 32 * 32 == len(patch_boxes(ct, (16, 16, 16)))
+    assert UnitGrid("slice", 0).count((1, *ct)) == 300
+    # 19456 patch scores of one case pass (they are per unit), a voxel map of the same case does not
+    per_patch = np.zeros((grid.count(ct), 3), np.float64)
+    assert compact_feature("class_entropy", per_patch, "ct", grid.count(ct)).dtype == np.float32
+    with pytest.raises(PoolError, match="not voxel maps"):
+        compact_feature("entropy", np.zeros((300, 512, 512)), "ct", grid.count(ct))
+    with pytest.raises(PoolError, match="not voxel maps"):
+        compact_feature("class_entropy", per_patch, "ct")  # without units: the per-case allowance
+
+
 def test_unit_space_of_patches():
     space = UnitSpace(["a", "b"], "patch", shapes={"a": (8, 8, 8), "b": (4, 4, 9)}, patch_size=(4, 4, 4))
     assert space.partial and not space.slices and space.grid == UnitGrid("patch", 2, (4, 4, 4))
