@@ -45,6 +45,8 @@ from raylearn.runtime import (
 
 log = logging.getLogger(__name__)
 
+_UNIT_WORDS = {"volume": "cases", "slice": "slices", "patch": "patches"}
+
 __all__ = ["RunResult", "run_experiment", "run_experiment_cli"]
 
 
@@ -216,7 +218,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         prop_scores = load_scores(last_prop["scores_path"])
     if rounds:
         log.info("resuming %s after round %d (%d %s labelled)", out, rounds[-1]["round"], len(labeled),
-                 units.kind + "s" if units.partial else "cases")
+                 _UNIT_WORDS[units.kind])
     if on_round is not None:
         for i in range(len(rounds)):
             on_round(rounds[i], rounds[: i + 1])
@@ -262,7 +264,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 budget = _budget(cfg, r, len(units), len(labeled))
                 if budget <= 0:
                     log.info("budget spent after %d %s; stopping", len(labeled),
-                             units.kind + "s" if units.partial else "cases")
+                             _UNIT_WORDS[units.kind])
                     break
                 name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
                 if model_features(split_features(strategy.requires)[0]) and checkpoint is None:
