@@ -163,8 +163,8 @@ class PoolShard:
             elif set(feats) != set(rows):
                 raise PoolError(f"compute_features returned keys {sorted(feats)} for {cid!r}, "
                                 f"expected {sorted(rows)}")
+            n_units = None if unit_grid is None else unit_grid.count(np.shape(self._cases[cid]))
             for name, value in feats.items():
-                n_units = None if unit_grid is None else unit_grid.count(np.shape(self._cases[cid]))
                 rows[name].append(compact_feature(name, value, cid, n_units))
         features = {name: (ragged(vals) if unit_grid is not None else np.stack(vals)) for name, vals in rows.items()}
         return {"shard": self.index, "ids": ids, "features": features, "load_s": load_s,

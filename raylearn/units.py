@@ -227,7 +227,7 @@ class UnitGrid:
         shape = tuple(int(x) for x in tuple(shape)[-3:])
         if self.kind == "slice":
             return shape[self.axis]
-        return int(np.prod([-(-n // s) for n, s in zip(shape, self.size, strict=True)]))
+        return len(patch_boxes(shape, self.size))
 
     def regions(self, shape: Sequence[int]) -> list[tuple[slice | int, ...]]:
         """The numpy index of each unit of a ``[D, H, W]`` grid (the last 3 axes of ``shape``), in unit order."""
@@ -284,11 +284,6 @@ class UnitSpace:
     def partial(self) -> bool:
         """Units below a volume (slices or patches): partial labels, masked training, per-unit scores."""
         return self.kind != "volume"
-
-    @property
-    def n_slices(self) -> dict[str, int]:
-        """Slices per case (slice units)."""
-        return self.n_units if self.slices else {}
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -286,6 +286,7 @@ def compute_features(
     k = int(segmenter.num_classes)
     spatial = tuple(image.shape[1:])
     red = {"reduction": params.reduction, "topk": params.topk}
+    regions = unit_grid.regions(spatial) if unit_grid is not None else None  # each unit's index, once per case
     out: dict[str, np.ndarray] = {}
 
     def reduced(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -293,7 +294,7 @@ def compute_features(
             return _scalar(reduce_map(values, labels=labels, **red))
         if unit_grid.kind == "slice":
             return reduce_slices(values, unit_grid.axis, labels=labels, **red).astype(np.float32)
-        return reduce_regions(values, unit_grid.regions(values.shape), labels=labels, **red).astype(np.float32)
+        return reduce_regions(values, regions, labels=labels, **red).astype(np.float32)
 
     probs = None
     if "tta_variance" in wanted:
@@ -325,7 +326,7 @@ def compute_features(
             if unit_grid is None:
                 out["class_entropy"] = cwe.mean(axis=(1, 2, 3), dtype=np.float64).astype(np.float32)
             else:
-                out["class_entropy"] = reduce_regions(cwe, unit_grid.regions(cwe.shape)).astype(np.float32)
+                out["class_entropy"] = reduce_regions(cwe, regions).astype(np.float32)
         if "weighted_embedding" in wanted:
             emb = _call(segmenter, "embed", wanted, image, weights=vmap(params.weight_map))
             out["weighted_embedding"] = np.asarray(emb, dtype=np.float32).ravel().astype(np.float16)
@@ -367,8 +368,6 @@ def label_unit_records(store, units, case_ids: Iterable[str], names: Iterable[st
     """
     if not [n for n in names if n in LABEL_FEATURES]:
         return {}
-    from raylearn.units import parse_unit
-
     k = int(getattr(store, "num_classes", 0) or len(getattr(store, "labels", {}) or {}))
     out: dict[str, dict[str, np.ndarray]] = {}
     for cid in case_ids:
@@ -378,7 +377,7 @@ def label_unit_records(store, units, case_ids: Iterable[str], names: Iterable[st
                              "(foreground-aware random needs the simulated oracle's labels)")
         label = np.asarray(label)
         kk = max(k, int(label.max()) + 1)
-        for uid in units.units_of(cid):
-            part = label[parse_unit(uid).region(label.shape)].ravel().astype(np.int64)
+        for uid, region in zip(units.units_of(cid), units.grid.regions(label.shape), strict=True):
+            part = label[region].ravel().astype(np.int64)
             out[uid] = {"label_class_voxels": np.bincount(part, minlength=kk)[1:kk].astype(np.float32)}
     return out
