@@ -133,13 +133,20 @@ def export_raw_dataset(store, case_ids: Sequence[str], raw_root: str | Path, cfg
         sitk.WriteImage(lab, str(label_file))  # written last: its presence marks a complete case
         written.append(cid)
     names = {int(k): str(v) for k, v in store.labels.items()}
+    n_channels = int(store.num_channels)
+    cases = sorted(f.name[: -len(".nii.gz")] for f in (folder / "labelsTr").glob("*.nii.gz"))
     dataset_json = {
         # pool-store images are already normalised; nnU-Net's z-score keeps them so
         "channel_names": {str(c): "zscore" for c in range(int(store.num_channels))},
         "labels": {names.get(k, f"class_{k}") if k else "background": k for k in range(int(store.num_classes))},
-        "numTraining": len(list((folder / "labelsTr").glob("*.nii.gz"))),
+        "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "name": cfg.dataset_name,
+        # the files listed (nnU-Net's "dataset" key, paths relative to this folder): without it nnunetv2 finds them
+        # with a fork-context multiprocessing.Pool(12), which forked from a Ray worker's threads and hung before the
+        # fingerprint (children stuck on inherited locks); with it no process is started
+        "dataset": {cid: {"images": [f"imagesTr/{cid}_{c:04d}.nii.gz" for c in range(n_channels)],
+                          "label": f"labelsTr/{cid}.nii.gz"} for cid in cases},
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return written

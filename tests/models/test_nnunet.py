@@ -40,7 +40,7 @@ def phantom_store(tmp_path_factory):
     return PoolStore.open(root / "store")
 
 
-def test_export_raw_dataset_writes_nnunet_layout(phantom_store, tmp_path):
+def test_export_raw_dataset_writes_nnunet_layout(phantom_store, tmp_path, monkeypatch):
     from raylearn.models.nnunet import export_raw_dataset
 
     cfg = NnUNetConfig(dataset_id=7, dataset_name="Demo")
@@ -57,6 +57,19 @@ def test_export_raw_dataset_writes_nnunet_layout(phantom_store, tmp_path):
     assert img.GetSpacing() == pytest.approx(tuple(reversed(case.spacing)))
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{ids[0]}.nii.gz")))
     np.testing.assert_array_equal(lab, case.label)
+    # nnU-Net's own lookup reads the listed files and starts no process (its fallback, a fork-context Pool of 12,
+    # hung inside a Ray worker)
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.utilities import utils as nn_utils
+
+    def no_pool(*_a, **_k):
+        raise AssertionError("nnU-Net started a process pool to find the files")
+
+    monkeypatch.setattr(nn_utils, "Pool", no_pool)
+    found = nn_utils.get_filenames_of_train_images_and_targets(str(folder), meta)
+    assert sorted(found) == ids[:3]
+    assert found[ids[0]] == {"images": [str(folder / "imagesTr" / f"{ids[0]}_0000.nii.gz")],
+                             "label": str(folder / "labelsTr" / f"{ids[0]}.nii.gz")}
 
 
 def test_nnunet_config_validation():
