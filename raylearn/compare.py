@@ -72,7 +72,19 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
 def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: Path, resume: bool,
              strategy_params: dict[str, dict] | None, store: str, reference_dir: Path | None, tracker) -> dict:
     from raylearn.loop import run_experiment
+    from raylearn.pool import PoolCache
 
+    pools = PoolCache()  # one set of pool shards for every run (each start is 20-30 s of imports)
+    try:
+        return _run_each(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker, pools,
+                         run_experiment)
+    finally:
+        pools.close()
+        log.info("compare: %d pool start(s), %d re-use(s)", pools.started, pools.reused)
+
+
+def _run_each(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker, pools,
+              run_experiment) -> dict:
     curves: dict[str, list[list[tuple]]] = {s: [] for s in strategies}
     references: list[float] = []
     for seed in seeds:
@@ -91,7 +103,8 @@ def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[
                 update["tracking"] = tracker.child(base.tracking, f"{name}/seed_{seed}")
             cfg = base.model_copy(update=update)
             log.info("compare: %s seed %d -> %s", name, seed, run_dir)
-            res = run_experiment(cfg, resume=resume, cold_start_from=first_dir, reference_dir=reference_dir)
+            res = run_experiment(cfg, resume=resume, cold_start_from=first_dir, reference_dir=reference_dir,
+                                 pools=pools)
             curves[name].append([(r["fraction_labelled"], r["metrics"].get("dice_mean", float("nan")),
                                   r.get("fraction_fg_labelled")) for r in res.rounds])
             if res.summary.get("full_data_dice") is not None and not references:

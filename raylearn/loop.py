@@ -154,7 +154,8 @@ def _open_ledger(cfg: ExperimentConfig, out: Path, resume: bool, allow_config_ch
 def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_change: bool = False,
                    cold_start_from: str | Path | None = None, progress: bool = True,
                    on_round: Callable[[dict, list[dict]], None] | None = None,
-                   reference_dir: str | Path | None = None, step_hook=None, case_hook=None) -> RunResult:
+                   reference_dir: str | Path | None = None, step_hook=None, case_hook=None,
+                   pools: Any = None) -> RunResult:
     """Run (or resume) one AL experiment; returns its rounds and summary.
 
     Args:
@@ -170,10 +171,12 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             ``output_dir/reference`` when ``evaluate.full_data_reference`` is on.
         step_hook: ``hook(rank, round, step, attempt)`` run in the training workers after every step.
         case_hook: ``hook(shard, position, case_id)`` run in the pool shards after every scored case.
+        pools: a :class:`~raylearn.pool.PoolCache` whose live shards this run re-uses and leaves running
+            (``compare``); default: the run starts its own and shuts them down.
     """
     from raylearn.extract import split_features
-    from raylearn.pool import ShardedPool
-    from raylearn.reference import full_pool_reference, mean_metrics
+    from raylearn.pool import PoolCache
+    from raylearn.reference import full_pool_reference, mean_metrics, reference_cached
     from raylearn.scoring.features import model_features
     from raylearn.slice_loop import propagate_round, slice_view, training_ids, unit_space
     from raylearn.strategies import build_strategy
@@ -244,16 +247,18 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()
+    own_pools = pools is None
+    pools = PoolCache() if own_pools else pools
     try:
-        pool = ShardedPool(store, n_shards=plan.n_shards, resources_per_shard=plan.shard, config=cfg.pool,
-                           case_ids=open_cases, case_hook=case_hook,
-                           shard_nodes=plan.shard_nodes)
+        pool = pools.get(store, n_shards=plan.n_shards, resources_per_shard=plan.shard, config=cfg.pool,
+                         case_ids=open_cases, case_hook=case_hook, shard_nodes=plan.shard_nodes)
     except BaseException:
         if started:
             trainer.stop()
         raise
     metric_kw = {"hd95": cfg.evaluate.hd95, "surface_tolerance_mm": cfg.evaluate.surface_dice_tolerance_mm}
     prefetched: tuple[int, Any, float] | None = None  # (round, PoolView, seconds) scored beside evaluation
+    failed = True
     try:
         for r in range(len(rounds), n_rounds):
             timings = {"score_s": 0.0, "select_s": 0.0}
@@ -347,20 +352,26 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             write_outputs(out, rounds, class_names, None, cfg.name)
             if tracker is not None:
                 tracker.log_rounds(rounds)
+        failed = False
     except BaseException as err:
         if tracker is not None:
             tracker.finish(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         schedule.close()
-        pool.shutdown()
+        if own_pools:
+            pool.shutdown()
+        else:
+            pools.release(pool, failed=failed)
         if started:
             trainer.stop()
 
     reference = None
     if cfg.evaluate.full_data_reference or reference_dir is not None:
-        rec = full_pool_reference(cfg, model_cfg, store, pool_ids, test_ids,
-                                  Path(reference_dir) if reference_dir else out / "reference",
+        ref_dir = Path(reference_dir) if reference_dir else out / "reference"
+        if not own_pools and not reference_cached(cfg, model_cfg, test_ids, ref_dir):
+            pools.close()  # the reference trains on what the shards would hold, as in a run of its own
+        rec = full_pool_reference(cfg, model_cfg, store, pool_ids, test_ids, ref_dir,
                                   evaluate=lambda ckpt: _evaluate_tasks(store, ckpt, test_ids, metric_kw))
         reference = rec["metrics"].get("dice_mean")
     write_outputs(out, rounds, class_names, reference, cfg.name)

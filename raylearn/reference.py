@@ -50,6 +50,12 @@ def reference_key(cfg, model_cfg, test_ids: list[str]) -> tuple[str, int]:
     return key, budget
 
 
+def reference_cached(cfg, model_cfg, test_ids: list[str], cache_dir: Path) -> bool:
+    """Whether :func:`full_pool_reference` will read the reference back instead of training it."""
+    path = Path(cache_dir) / "reference.json"
+    return path.is_file() and json.loads(path.read_text()).get("key") == reference_key(cfg, model_cfg, test_ids)[0]
+
+
 def full_pool_reference(cfg, model_cfg, store, pool_ids: list[str], test_ids: list[str], cache_dir: Path,
                         evaluate) -> dict:
     """Train (or read back) the full-pool reference; returns ``{"key", "budget", "metrics", "checkpoint"}``.

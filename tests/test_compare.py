@@ -22,16 +22,21 @@ def _base(tmp_path) -> ExperimentConfig:
     }, ExperimentConfig)
 
 
-def test_compare_shares_cold_start_and_reference_and_writes_table(ray_session, tmp_path):
+def test_compare_shares_cold_start_and_reference_and_writes_table(ray_session, tmp_path, caplog):
     """Round 0 is shared by the strategies of a seed; the full-pool reference gets the run's whole step budget on
-    every pool case and is trained once for all strategies and seeds."""
+    every pool case and is trained once for all strategies and seeds; the runs share the pool's shards."""
+    import logging
+
     from raylearn.compare import compare
     from raylearn.ledger import Ledger
 
     base = _base(tmp_path)
     base = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"full_data_reference": True})})
     out = tmp_path / "cmp"
+    caplog.set_level(logging.INFO, logger="raylearn.compare")
     res = compare(base, ["random", "entropy"], [0, 1], out)
+    # the first run's shards stop before it trains the reference; the other three runs share one set
+    assert "compare: 2 pool start(s), 2 re-use(s)" in caplog.text
     led_r = Ledger(out / "random" / "seed_0" / "ledger.jsonl", readonly=True)
     led_e = Ledger(out / "entropy" / "seed_0" / "ledger.jsonl", readonly=True)
     assert led_r.selection(0)["ids"] == led_e.selection(0)["ids"]

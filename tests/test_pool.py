@@ -188,6 +188,57 @@ def test_shards_hold_balanced_disjoint_cases(pool2, store):
     assert len({s["pid"] for s in states}) == 2
 
 
+def test_reset_rebalances_the_live_shards_onto_other_cases(pool2, store, ckpt, params):
+    """``reset``: the same actors (same pids) hold another run's cases, balanced and in sync, and score them."""
+    ids = sorted(store.case_ids("pool"))
+    pids = sorted(s["pid"] for s in pool2.shards_state())
+    try:
+        pool2.mark_labeled(ids[:3])
+        pool2.reset(ids[4:])
+        states = pool2.shards_state()
+        assert sorted(s["pid"] for s in states) == pids and all(s["in_sync"] for s in states)
+        assert sorted(c for s in states for c in s["ids"]) == ids[4:] == pool2.unlabeled_ids()
+        assert list(pool2.score(ckpt[1], ["entropy"], params)["ids"]) == ids[4:]
+        with pytest.raises(PoolError, match="never in the pool"):
+            pool2.mark_labeled([ids[0]])  # no longer part of this pool
+        with pytest.raises(PoolError, match=r"not in the store .*'nope'"):
+            pool2.reset(["nope"])
+        with pytest.raises(PoolError, match="1 case\\(s\\) for 2 shards"):
+            pool2.reset(ids[:1])
+    finally:
+        pool2.reset()  # the module's other tests expect the whole pool
+    assert pool2.unlabeled_ids() == ids and all(s["in_sync"] for s in pool2.shards_state())
+
+
+def test_pool_cache_reuses_matching_shards_only(ray_session, store):
+    """compare's PoolCache: the same settings get the live shards back; other settings, a case hook or a failed run
+    start (or leave) fresh ones."""
+    import ray
+
+    from raylearn.pool import PoolCache
+
+    ids = sorted(store.case_ids("pool"))
+    cfg = PoolConfig(num_cpus=0.5, torch_threads=1, **QUIET)
+    cache = PoolCache()
+    try:
+        a = cache.get(store, n_shards=1, resources_per_shard={"num_cpus": 0.5}, config=cfg, case_ids=ids[:5])
+        pid = a.shards_state()[0]["pid"]
+        cache.release(a)
+        b = cache.get(store, n_shards=1, resources_per_shard={"num_cpus": 0.5}, config=cfg, case_ids=ids[2:])
+        assert b is a and b.shards_state()[0]["pid"] == pid and b.unlabeled_ids() == ids[2:]
+        assert (cache.started, cache.reused) == (1, 1)
+        actor = next(iter(a._actors.values()))
+        c = cache.get(store, n_shards=1, resources_per_shard={"num_cpus": 0.5},
+                      config=cfg.model_copy(update={"torch_threads": 2}), case_ids=ids)
+        assert c is not a and cache.started == 2 and a.n_shards == 0  # the old shards were shut down
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote())
+        cache.release(c, failed=True)  # a failed run's pool is not handed on
+        assert c.n_shards == 0
+    finally:
+        cache.close()
+
+
 def test_bad_inputs_raise_clear_errors(pool2, store, params, tmp_path):
     from raylearn.pool import ShardedPool
 
