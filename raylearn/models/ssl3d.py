@@ -13,7 +13,7 @@ globally pooled latent (the authors' head reads the first token); rotations are 
 code aligns the third rotation with the second's angle, a slip); the volume is covered by sliding cubic windows.
 
 Encoders (``encoder``): ``light`` (a small strided CNN for CPU) or ``swin_unetr`` (MONAI's SwinUNETR
-transformer, the paper's; patch a multiple of 32).
+transformer, the paper's; patch a multiple of 32, at least 64).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Csal3dParams(StrictModel):
         encoder: ``light`` (CPU) or ``swin_unetr`` (the paper's).
         channels: widths of the light encoder's 3 stride-2 stages.
         feature_size: SwinUNETR's embedding size (48 in the paper).
-        patch: cubic crop / window edge in voxels (a multiple of 8; of 32 for ``swin_unetr``).
+        patch: cubic crop / window edge in voxels (a multiple of 8; of 32 and at least 64 for ``swin_unetr``).
         mask_ratio: share of masked cells (0.3 in the paper).
         mask_cell: masked cell edge in voxels.
         steps: optimiser steps of the pretext training; batch_size: crops per step and worker.
@@ -72,6 +72,10 @@ class Csal3dParams(StrictModel):
         mult = 32 if self.encoder == "swin_unetr" else 8
         if self.patch % mult:
             raise ValueError(f"patch: must be a multiple of {mult} for encoder {self.encoder}, got {self.patch}")
+        if self.encoder == "swin_unetr" and self.patch < 64:  # its last stage is patch/32 a side; the decoder's
+            # instance norm needs more than one voxel there (the paper's patch is 96)
+            raise ValueError(f"patch: must be at least 64 for encoder swin_unetr (its deepest features are "
+                             f"patch/32 voxels a side), got {self.patch}")
         if self.patch % self.mask_cell:
             raise ValueError(f"mask_cell: must divide patch ({self.patch}), got {self.mask_cell}")
         return self
