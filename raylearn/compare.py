@@ -71,20 +71,21 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
 
 def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: Path, resume: bool,
              strategy_params: dict[str, dict] | None, store: str, reference_dir: Path | None, tracker) -> dict:
-    from raylearn.loop import run_experiment
     from raylearn.pool import PoolCache
 
-    pools = PoolCache()  # one set of pool shards for every run (each start is 20-30 s of imports)
+    pools = PoolCache()  # one set of pool shards for every run (each start is 25-40 s of imports on 2 cores)
     try:
-        return _run_each(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker, pools,
-                         run_experiment)
+        return _run_each(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker, pools)
     finally:
         pools.close()
         log.info("compare: %d pool start(s), %d re-use(s)", pools.started, pools.reused)
 
 
-def _run_each(base, strategies, seeds, out, resume, strategy_params, store, reference_dir, tracker, pools,
-              run_experiment) -> dict:
+def _run_each(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: Path, resume: bool,
+              strategy_params: dict[str, dict] | None, store: str, reference_dir: Path | None, tracker,
+              pools) -> dict:
+    from raylearn.loop import run_experiment
+
     curves: dict[str, list[list[tuple]]] = {s: [] for s in strategies}
     references: list[float] = []
     for seed in seeds:

@@ -143,9 +143,11 @@ class ShardedPool:
         so ``compare`` resets one pool between its runs instead.
 
         Raises:
-            PoolError: an id is not in the store, the pool would be empty or smaller than the shard count, or a
-                shard is dead (start a new pool then).
+            PoolError: the pool was shut down, an id is not in the store, the pool would be empty or smaller than
+                the shard count, or a shard is dead (start a new pool then).
         """
+        if not self._actors:
+            raise PoolError("reset: the pool has no live shards (shut down); start a new pool")
         ids = self._checked_ids(case_ids)
         if len(ids) < len(self._actors):
             raise PoolError(f"reset: {len(ids)} case(s) for {len(self._actors)} shards; start a smaller pool")

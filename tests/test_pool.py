@@ -235,6 +235,8 @@ def test_pool_cache_reuses_matching_shards_only(ray_session, store):
             ray.get(actor.ping.remote())
         cache.release(c, failed=True)  # a failed run's pool is not handed on
         assert c.n_shards == 0
+        with pytest.raises(PoolError, match="no live shards"):
+            c.reset(ids)
     finally:
         cache.close()
 
