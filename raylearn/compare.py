@@ -71,7 +71,7 @@ def compare(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[i
 
 def _run_all(base: ExperimentConfig, strategies: Sequence[str], seeds: Sequence[int], out: Path, resume: bool,
              strategy_params: dict[str, dict] | None, store: str, reference_dir: Path | None, tracker) -> dict:
-    from raylearn.pool import PoolCache
+    from raylearn.pool_cache import PoolCache
 
     pools = PoolCache()  # one set of pool shards for every run (each start is 25-40 s of imports on 2 cores)
     try:

@@ -171,11 +171,11 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
             ``output_dir/reference`` when ``evaluate.full_data_reference`` is on.
         step_hook: ``hook(rank, round, step, attempt)`` run in the training workers after every step.
         case_hook: ``hook(shard, position, case_id)`` run in the pool shards after every scored case.
-        pools: a :class:`~raylearn.pool.PoolCache` whose live shards this run re-uses and leaves running
+        pools: a :class:`~raylearn.pool_cache.PoolCache` whose live shards this run re-uses and leaves running
             (``compare``); default: the run starts its own and shuts them down.
     """
     from raylearn.extract import split_features
-    from raylearn.pool import PoolCache
+    from raylearn.pool_cache import PoolCache
     from raylearn.reference import full_pool_reference, mean_metrics, reference_cached
     from raylearn.scoring.features import model_features
     from raylearn.slice_loop import propagate_round, slice_view, training_ids, unit_space
@@ -359,10 +359,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
         raise
     finally:
         schedule.close()
-        if own_pools:
-            pool.shutdown()
-        else:
-            pools.release(pool, failed=failed)
+        pools.release(failed=failed or own_pools)  # a run's own pool never outlives it
         if started:
             trainer.stop()
 

@@ -46,7 +46,7 @@ from raylearn.pool_support import (
     voxel_counts,
 )
 
-__all__ = ["PoolCache", "PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MAX_ELEMENTS_PER_CASE"]
+__all__ = ["PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MAX_ELEMENTS_PER_CASE"]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,6 @@ class ShardedPool:
         self._threads = cfg.torch_threads or max(1, int(self._resources["num_cpus"]))
         self._case_hook = case_hook
         self._shard_nodes = list(shard_nodes or [])
-        self._all_ids = set(ids)
-        self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
         self._actors: dict[int, Any] = {}
         self._assign: dict[int, list[str]] = {}
         self._pids: dict[int, int] = {}
@@ -117,8 +115,8 @@ class ShardedPool:
         self._ckpt: tuple[str, Any] | None = None
         self.last_stats: dict[str, Any] = {}
         t0 = time.perf_counter()
-        for members in balance([self._sizes[c] for c in ids], n):
-            self._spawn([ids[k] for k in members])
+        for group in self._take(ids, n):
+            self._spawn(group)
         where = dict(zip(self._actors, ray.get([a.where.remote() for a in self._actors.values()]), strict=True))
         self._pids = {i: w[0] for i, w in where.items()}
         self._nodes = {i: w[1] for i, w in where.items()}
@@ -136,6 +134,13 @@ class ShardedPool:
             raise PoolError("the pool is empty: no case ids to shard")
         return ids
 
+    def _take(self, ids: list[str], n: int) -> list[list[str]]:
+        """Make ``ids`` the pool (the ids :meth:`mark_labeled` accepts, their voxel counts) -> ``n`` groups of
+        them balanced by size, one per shard."""
+        self._all_ids = set(ids)
+        self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
+        return [[ids[k] for k in members] for members in balance([self._sizes[c] for c in ids], n)]
+
     def reset(self, case_ids: Sequence[str] | None = None) -> None:
         """Re-use the live shards for another run over the same store: the pool becomes ``case_ids`` (default the
         store's pool split), balanced by size over the shards as at start-up; each shard loads the cases it lacks
@@ -151,11 +156,8 @@ class ShardedPool:
         ids = self._checked_ids(case_ids)
         if len(ids) < len(self._actors):
             raise PoolError(f"reset: {len(ids)} case(s) for {len(self._actors)} shards; start a smaller pool")
-        self._all_ids = set(ids)
-        self._sizes = dict(zip(ids, voxel_counts(self.store, ids), strict=True))
         index = sorted(self._actors)
-        groups = balance([self._sizes[c] for c in ids], len(index))
-        self._assign = {i: [ids[k] for k in members] for i, members in zip(index, groups, strict=True)}
+        self._assign = dict(zip(index, self._take(ids, len(index)), strict=True))
         try:
             ray.get([self._actors[i].hold.remote(self._assign[i]) for i in index])
         except _ACTOR_ERRORS as err:
@@ -466,53 +468,3 @@ class ShardedPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-
-class PoolCache:
-    """One live :class:`ShardedPool` handed from run to run (``compare``'s strategies and seeds over one store).
-
-    :meth:`get` returns the live pool :meth:`ShardedPool.reset` to the run's cases when it was started with the
-    same store, shard count, resources, pool config and node pins (and no case hook), else shuts it down and
-    starts a new one. A run hands it back with :meth:`release`; :meth:`close` shuts down the last one.
-    """
-
-    def __init__(self) -> None:
-        self._pool: ShardedPool | None = None
-        self._key: tuple | None = None
-        self.started = 0  #: pools started (the rest of the :meth:`get` calls re-used one)
-        self.reused = 0
-
-    def get(self, store: Any, *, n_shards: int, resources_per_shard: Mapping[str, float], config: PoolConfig,
-            case_ids: Sequence[str], shard_nodes: Sequence[str] | None = None,
-            case_hook: CaseHook | None = None) -> ShardedPool:
-        key = (str(getattr(open_store(store), "path", store)), int(n_shards),
-               tuple(sorted((k, float(v)) for k, v in resources_per_shard.items())),
-               config.model_dump_json(), tuple(shard_nodes or ()))
-        if self._pool is not None and case_hook is None and key == self._key and \
-                self._pool.n_shards == min(int(n_shards), len(set(case_ids))):
-            try:
-                self._pool.reset(case_ids)
-                self.reused += 1
-                log.info("pool: re-using %d live shards for %d cases", self._pool.n_shards, len(set(case_ids)))
-                return self._pool
-            except PoolError as err:
-                log.warning("pool: cannot re-use the live shards (%s); starting new ones", err)
-        self.close()
-        pool = ShardedPool(store, n_shards=n_shards, resources_per_shard=resources_per_shard, config=config,
-                           case_ids=case_ids, case_hook=case_hook, shard_nodes=shard_nodes)
-        self.started += 1
-        if case_hook is None:
-            self._pool, self._key = pool, key
-        return pool
-
-    def release(self, pool: ShardedPool, failed: bool = False) -> None:
-        """A run is done with ``pool``: kept live for the next :meth:`get`, unless the run failed while holding it
-        (its shards may be half-way through a call) or it is not the cached one (a case hook); those shut down."""
-        if failed or pool is not self._pool:
-            pool.shutdown()
-            if pool is self._pool:
-                self._pool = self._key = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-        self._pool = self._key = None

@@ -50,10 +50,16 @@ def reference_key(cfg, model_cfg, test_ids: list[str]) -> tuple[str, int]:
     return key, budget
 
 
+def _cached(cache_dir: Path, key: str) -> dict | None:
+    """The reference recorded in ``cache_dir`` for ``key``, else None."""
+    path = Path(cache_dir) / "reference.json"
+    rec = json.loads(path.read_text()) if path.is_file() else None
+    return rec if rec is not None and rec.get("key") == key else None
+
+
 def reference_cached(cfg, model_cfg, test_ids: list[str], cache_dir: Path) -> bool:
     """Whether :func:`full_pool_reference` will read the reference back instead of training it."""
-    path = Path(cache_dir) / "reference.json"
-    return path.is_file() and json.loads(path.read_text()).get("key") == reference_key(cfg, model_cfg, test_ids)[0]
+    return _cached(cache_dir, reference_key(cfg, model_cfg, test_ids)[0]) is not None
 
 
 def full_pool_reference(cfg, model_cfg, store, pool_ids: list[str], test_ids: list[str], cache_dir: Path,
@@ -70,10 +76,9 @@ def full_pool_reference(cfg, model_cfg, store, pool_ids: list[str], test_ids: li
     cache_dir.mkdir(parents=True, exist_ok=True)
     key, budget = reference_key(cfg, model_cfg, test_ids)
     path = cache_dir / "reference.json"
-    if path.is_file():
-        rec = json.loads(path.read_text())
-        if rec.get("key") == key:
-            return rec
+    rec = _cached(cache_dir, key)
+    if rec is not None:
+        return rec
     unit = "epochs" if model_cfg.backend == "nnunet" else "steps"
     log.info("training the full-pool reference on %d cases (%d %s)", len(pool_ids), budget, unit)
     train_cfg = cfg.train.model_copy(update={"seed": cfg.seed})

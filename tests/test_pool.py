@@ -215,7 +215,7 @@ def test_pool_cache_reuses_matching_shards_only(ray_session, store):
     start (or leave) fresh ones."""
     import ray
 
-    from raylearn.pool import PoolCache
+    from raylearn.pool_cache import PoolCache
 
     ids = sorted(store.case_ids("pool"))
     cfg = PoolConfig(num_cpus=0.5, torch_threads=1, **QUIET)
@@ -223,7 +223,7 @@ def test_pool_cache_reuses_matching_shards_only(ray_session, store):
     try:
         a = cache.get(store, n_shards=1, resources_per_shard={"num_cpus": 0.5}, config=cfg, case_ids=ids[:5])
         pid = a.shards_state()[0]["pid"]
-        cache.release(a)
+        cache.release()
         b = cache.get(store, n_shards=1, resources_per_shard={"num_cpus": 0.5}, config=cfg, case_ids=ids[2:])
         assert b is a and b.shards_state()[0]["pid"] == pid and b.unlabeled_ids() == ids[2:]
         assert (cache.started, cache.reused) == (1, 1)
@@ -233,7 +233,7 @@ def test_pool_cache_reuses_matching_shards_only(ray_session, store):
         assert c is not a and cache.started == 2 and a.n_shards == 0  # the old shards were shut down
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.ping.remote())
-        cache.release(c, failed=True)  # a failed run's pool is not handed on
+        cache.release(failed=True)  # a failed run's pool is not handed on
         assert c.n_shards == 0
         with pytest.raises(PoolError, match="no live shards"):
             c.reset(ids)
