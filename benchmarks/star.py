@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--axis", type=int, default=0, help="slice axis of the stored [D, H, W] grid (0: axial)")
     ap.add_argument("--spacing", type=int, default=10, help="j: initial labels every j-th slice, groups of j + 1")
     ap.add_argument("--n-pseudo", type=int, default=100, help="pseudo-labelled slices kept per round (the code: 100)")
+    ap.add_argument("--drop-blank-pseudo", action="store_true",
+                    help="star: rank only pseudo-labels with a foreground voxel (the code's delete_black_patch)")
     ap.add_argument("--star-steps", type=int, default=300, help="STAR's optimiser steps per stage and round")
     ap.add_argument("--star-width", type=int, default=16, help="STAR's small backbone width (D = 8 * width)")
     ap.add_argument("--star-lr1", type=float, default=1e-3)
@@ -85,7 +87,8 @@ def ingest(cfg: dict, source: str) -> Path:
 
 def star_params(args: argparse.Namespace) -> dict:
     steps = 2 if args.quick else args.star_steps
-    return {"spacing": args.spacing, "n_pseudo": args.n_pseudo, "width": 4 if args.quick else args.star_width,
+    return {"spacing": args.spacing, "n_pseudo": args.n_pseudo, "drop_blank_pseudo": args.drop_blank_pseudo,
+            "width": 4 if args.quick else args.star_width,
             "stage1_steps": steps, "stage2_steps": steps, "lr1": args.star_lr1, "lr2": args.star_lr2,
             "torch_threads": 1}  # beside the training worker and the shards on 2 cores (see Star's torch_threads)
 

@@ -241,7 +241,10 @@ def _run(strategy: Star, ctx: PropagationContext) -> PropagationResult:
         for i, p, e, s in zip(unl, pred, ent, score, strict=True):
             scores[unit_id(case, axis, int(i))] = float(s)
             cands.append((float(e), case_order.get(case, len(case_order)), int(i), case, p))
-    ranked = sorted(range(len(cands)), key=lambda k: cands[k][:3])[: strategy.n_pseudo]
+    eligible = range(len(cands))
+    if strategy.drop_blank_pseudo:  # the code's delete_black_patch: no all-background slice
+        eligible = [k for k in eligible if bool(np.any(cands[k][4] > 0))]
+    ranked = sorted(eligible, key=lambda k: cands[k][:3])[: strategy.n_pseudo]
     pseudo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for k in ranked:
         _, _, i, case, p = cands[k]
@@ -258,8 +261,11 @@ def _run(strategy: Star, ctx: PropagationContext) -> PropagationResult:
     kept_ent = [cands[k][0] for k in ranked]
     info = {"kept": len(ranked), "candidates": len(cands), "stage1_loss": loss1, "stage2_loss": loss2,
             "kept_mean_entropy": float(np.mean(kept_ent)) if kept_ent else float("nan"),
+            "kept_blank": sum(1 for k in ranked if not np.any(cands[k][4] > 0)),
+            "blank_candidates": sum(1 for c in cands if not np.any(c[4] > 0)),
             "train_slices": len(train_x), "train_pairs": len(pairs), "seconds": round(time.perf_counter() - t0, 2),
             "checkpoint": str(ckpt), "resumed_from": str(resumed) if resumed else None}
-    logger.info("star: round %d kept %d of %d pseudo-labelled slices (stage losses %.3f / %.3f) in %.1f s",
-                ctx.round_index, info["kept"], info["candidates"], loss1, loss2, info["seconds"])
+    logger.info("star: round %d kept %d of %d pseudo-labelled slices (%d all background; stage losses %.3f / "
+                "%.3f) in %.1f s", ctx.round_index, info["kept"], info["candidates"], info["kept_blank"], loss1,
+                loss2, info["seconds"])
     return PropagationResult(pseudo=pseudo, unit_scores=scores, info=info)

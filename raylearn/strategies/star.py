@@ -269,6 +269,10 @@ class Star(QueryStrategy):
     Args:
         spacing: ``j``: initial labels every ``j``-th slice, groups of ``j + 1`` slices (the paper: 10).
         n_pseudo: pseudo-labelled slices kept per round, the lowest-entropy ones (the code: 100).
+        drop_blank_pseudo: leave out candidates whose pseudo-label has no foreground voxel before ranking (the
+            authors' ``Data.delete_black_patch``, which their ``main.py`` does not call; off by default, as there).
+            On small structures the lowest-entropy slices are the blank ones: in the hippocampus benchmark every
+            kept pseudo-label of the default was all background.
         backbone: ``small`` (CPU default), ``resnet18`` or ``resnet50`` (the paper's).
         width: ``small`` backbone's base channels (``D = 8 width``).
         decoder_dim: decoder channels (None: 256 for ResNets as the code, ``4 width`` for ``small``).
@@ -292,13 +296,15 @@ class Star(QueryStrategy):
     requires = frozenset()
     units = frozenset({"slice"})
 
-    def __init__(self, *, spacing: int = 10, n_pseudo: int = 100, backbone: str = "small", width: int = 16,
+    def __init__(self, *, spacing: int = 10, n_pseudo: int = 100, drop_blank_pseudo: bool = False,
+                 backbone: str = "small", width: int = 16,
                  decoder_dim: int | None = None, stage1_steps: int = 200, stage2_steps: int = 200,
                  batch_size: int = 2, lr1: float = 1e-4, lr2: float = 5e-5, focal_gamma: float = 2.0,
                  focal_alpha: float | None = None, reinit_label_encoder: bool = True, chunk: int = 32,
                  torch_threads: int | None = None, random_state: int | None = 0) -> None:
         self.spacing = spacing
         self.n_pseudo = n_pseudo
+        self.drop_blank_pseudo = drop_blank_pseudo
         self.backbone = backbone
         self.width = width
         self.decoder_dim = decoder_dim
@@ -325,6 +331,8 @@ class Star(QueryStrategy):
             _positive_int("decoder_dim", self.decoder_dim)
         if self.backbone not in ("small", "resnet18", "resnet50"):
             raise ValueError(f"backbone must be one of small, resnet18, resnet50, got {self.backbone!r}")
+        if not isinstance(self.drop_blank_pseudo, bool):
+            raise ValueError(f"drop_blank_pseudo must be true or false, got {self.drop_blank_pseudo!r}")
         if not isinstance(self.reinit_label_encoder, bool):
             raise ValueError(f"reinit_label_encoder must be true or false, got {self.reinit_label_encoder!r}")
         self.train_params()  # validates steps, batch size, learning rates, focal settings

@@ -153,6 +153,31 @@ def test_propagate_keeps_the_top_n_lowest_entropy_slices(tmp_path, monkeypatch):
     assert (ctx.work_dir / "star_round0000.pt").is_file()
 
 
+@pytest.mark.parametrize("drop", [False, True])
+def test_drop_blank_pseudo_leaves_out_all_background_slices(tmp_path, monkeypatch, drop):
+    """The lowest-entropy slices of a small structure are the blank ones: by default (the code's main.py) they are
+    kept; ``drop_blank_pseudo`` (the code's delete_black_patch) ranks only slices with a foreground voxel."""
+    rng = np.random.default_rng(0)
+    cases = {"a": phantom_case(rng)}
+
+    def fake_predict(net, image, labels, lab_idx, spacing, chunk, device):
+        unl = np.array([3, 5, 7, 9])
+        pred = np.zeros((4, *image.shape[2:]), np.uint8)
+        pred[2:, 4:6, 4:6] = 1  # slices 7 and 9 have foreground; 3 and 5 are blank and the most certain
+        return unl, pred, np.array([0.01, 0.02, 0.3, 0.4]), np.zeros(4)
+
+    monkeypatch.setattr(star_propagate, "_predict_case", fake_predict)
+    ctx = make_ctx(tmp_path, cases, {"a": [0, 10, 20]})
+    strat = build_strategy("star", n_pseudo=2, drop_blank_pseudo=drop, stage1_steps=0, stage2_steps=0, width=2)
+    res = strat.propagate(ctx)
+    lab, filled = res.pseudo["a"]
+    kept = sorted(int(i) for i in np.flatnonzero(filled.any(axis=(1, 2))))
+    assert kept == ([7, 9] if drop else [3, 5])
+    assert res.info["kept_blank"] == (0 if drop else 2) and res.info["blank_candidates"] == 2
+    with pytest.raises(ValueError, match="drop_blank_pseudo"):
+        build_strategy("star", drop_blank_pseudo="yes").check_params()
+
+
 def test_propagate_end_to_end_and_resume_from_the_previous_round(tmp_path):
     rng = np.random.default_rng(1)
     cases = {"a": phantom_case(rng), "b": phantom_case(rng)}
