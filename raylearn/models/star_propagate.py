@@ -241,9 +241,8 @@ def _run(strategy: Star, ctx: PropagationContext) -> PropagationResult:
         for i, p, e, s in zip(unl, pred, ent, score, strict=True):
             scores[unit_id(case, axis, int(i))] = float(s)
             cands.append((float(e), case_order.get(case, len(case_order)), int(i), case, p))
-    eligible = range(len(cands))
-    if strategy.drop_blank_pseudo:  # the code's delete_black_patch: no all-background slice
-        eligible = [k for k in eligible if bool(np.any(cands[k][4] > 0))]
+    blank = [not np.any(c[4] > 0) for c in cands]  # pseudo-labels with no foreground voxel
+    eligible = [k for k in range(len(cands)) if not (strategy.drop_blank_pseudo and blank[k])]  # delete_black_patch
     ranked = sorted(eligible, key=lambda k: cands[k][:3])[: strategy.n_pseudo]
     pseudo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for k in ranked:
@@ -261,8 +260,7 @@ def _run(strategy: Star, ctx: PropagationContext) -> PropagationResult:
     kept_ent = [cands[k][0] for k in ranked]
     info = {"kept": len(ranked), "candidates": len(cands), "stage1_loss": loss1, "stage2_loss": loss2,
             "kept_mean_entropy": float(np.mean(kept_ent)) if kept_ent else float("nan"),
-            "kept_blank": sum(1 for k in ranked if not np.any(cands[k][4] > 0)),
-            "blank_candidates": sum(1 for c in cands if not np.any(c[4] > 0)),
+            "kept_blank": sum(blank[k] for k in ranked), "blank_candidates": sum(blank),
             "train_slices": len(train_x), "train_pairs": len(pairs), "seconds": round(time.perf_counter() - t0, 2),
             "checkpoint": str(ckpt), "resumed_from": str(resumed) if resumed else None}
     logger.info("star: round %d kept %d of %d pseudo-labelled slices (%d all background; stage losses %.3f / "
