@@ -153,6 +153,15 @@ def _parent_fields(parts: list[str]) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
+#: CPUs reserved by the trial function itself: it only orchestrates (its workers and shards hold the rest)
+TRIAL_CPU = 0.01
+
+
+def _floor4(x: float) -> float:
+    """``x`` rounded down to Ray's resource granularity (1e-4), so that shares add up to no more than the whole."""
+    return math.floor(x * 1e4 + 1e-6) / 1e4
+
+
 def _fit_inside(exp: dict, res: TrialResources) -> dict:
     """Size the trial's training workers and pool shards so that together they fit in its resources.
 
@@ -165,13 +174,14 @@ def _fit_inside(exp: dict, res: TrialResources) -> dict:
     n_workers = int(train.get("num_workers", 1))
     pool = dict(exp.get("pool") or {})
     n_shards = int(pool.get("n_shards") or max(1, math.floor(res.cpu)))
-    per = {"CPU": 0.9 * res.cpu / n_workers}
+    cpu = res.cpu - TRIAL_CPU  # the trial function's own share comes out of the trial's CPUs: two 1-CPU trials
+    per = {"CPU": _floor4(0.9 * cpu / n_workers)}  # then fit a 2-CPU node together (they took 2.02 of it)
     if res.gpu > 0:
         per["GPU"] = 0.9 * res.gpu / n_workers
         train["use_gpu"] = True
     train["resources_per_worker"] = per
     pool["n_shards"] = n_shards
-    pool["num_cpus"] = 0.1 * res.cpu / n_shards
+    pool["num_cpus"] = _floor4(0.1 * cpu / n_shards)
     pool["num_gpus"] = 0.1 * res.gpu / n_shards if res.gpu > 0 else 0
     pool["torch_threads"] = max(1, math.floor(res.cpu / n_shards))
     return {**exp, "train": train, "pool": pool}
@@ -182,6 +192,8 @@ def _trainable(config: dict, *, base: dict, out: str, resources: dict) -> None:
 
     from raylearn.curves import alc
     from raylearn.loop import run_experiment
+    from raylearn.train.service import live_placement_groups
+    from raylearn.tune_release import PG_KEY
 
     trial_id = tune.get_context().get_trial_id()
     exp = apply_overrides(base, config)
@@ -197,7 +209,7 @@ def _trainable(config: dict, *, base: dict, out: str, resources: dict) -> None:
         dice = [r["metrics"].get("dice_mean", float("nan")) for r in rounds]
         tune.report({"round": rec["round"] + 1, "labelled_pct": 100 * rec["fraction_labelled"],
                      "dice_mean": dice[-1], "alc": alc(fr, dice), "wall_s": time.time() - t0,
-                     "run_dir": cfg.output_dir})
+                     "run_dir": cfg.output_dir, PG_KEY: " ".join(live_placement_groups())})
 
     run_experiment(cfg, resume=True, progress=False, on_round=report)
 
@@ -210,6 +222,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
 
     from raylearn.runtime import ensure_ray, ensure_store
     from raylearn.tracking_tune import tune_callbacks
+    from raylearn.tune_release import ReleaseTrialPlacementGroups
 
     base_path = (Path(source).parent / sweep.experiment).resolve()
     base = load_yaml(base_path) or {}
@@ -235,7 +248,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     trainable = tune.with_parameters(_trainable, base=base, out=str(out),
                                      resources=sweep.resources_per_trial.model_dump())
     # the trial function only orchestrates; its training workers and shards hold the CPUs/GPUs
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_CPU})
     n_rounds = 1 + base_cfg.schedule.rounds
     if sweep.scheduler.kind == "asha":
         scheduler = ASHAScheduler(time_attr="round", max_t=sweep.scheduler.max_t or n_rounds,
@@ -257,6 +270,10 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     if resume:
         if not tune.Tuner.can_restore(str(exp_path)):
             raise ConfigError(f"{exp_path}: no sweep to resume here")
+        # Tuner.restore brings back the pickled callbacks, but not what building them does in this process: check
+        # the tracking store again and allow MLflow's file store (MLFLOW_ALLOW_FILE_STORE), else the restored
+        # MLflowLoggerCallback refuses a fresh `raylearn tune --resume` process
+        tune_callbacks(sweep.tracking, out, sweep.name)
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True, param_space=param_space)
     else:
         if exp_path.exists() and any(exp_path.iterdir()):
@@ -268,7 +285,8 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
                                         search_alg=search_alg, num_samples=sweep.num_samples,
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
-                                      callbacks=tune_callbacks(sweep.tracking, out, sweep.name)),
+                                      callbacks=[*tune_callbacks(sweep.tracking, out, sweep.name),
+                                                 ReleaseTrialPlacementGroups()]),
         )
     grid = tuner.fit()
     return _write_results(grid, sweep, base, out)

@@ -39,12 +39,35 @@ def _sweep(tmp: Path, space: dict, rounds: int = 1, **extra) -> Path:
     return p
 
 
+def _live_groups() -> set[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def test_trial_shares_fit_the_trial_resources():
+    """The trial function's own CPU share, its training workers' and its shards' add up to the trial's CPUs,
+    so two 1-CPU trials fit a 2-CPU node together (they asked for 2.02 CPUs before)."""
+    from raylearn.tune import TRIAL_CPU, TrialResources, _fit_inside
+
+    for cpu, workers, shards in [(1, 1, None), (1, 2, 3), (3, 1, None), (0.5, 1, 1)]:
+        exp = _fit_inside({"train": {"num_workers": workers}, "pool": {"n_shards": shards}},
+                          TrialResources(cpu=cpu))
+        used = TRIAL_CPU + workers * exp["train"]["resources_per_worker"]["CPU"] + \
+            exp["pool"]["n_shards"] * exp["pool"]["num_cpus"]
+        assert cpu - 0.01 < used <= cpu + 1e-9
+
+
 def test_sweep_runs_reports_per_round_and_writes_best_yaml(ray_session, tmp_path):
     from raylearn.experiment import load_experiment
     from raylearn.tune import SweepConfig, run_sweep
 
     path = _sweep(tmp_path, {"strategy.name": {"grid": ["random", "entropy"]}})
+    before = _live_groups()
     res = run_sweep(load_config(path, SweepConfig), str(path))
+    # Tune ends each trial at its last report (max_t) with its training service up: the sweep's driver releases
+    # the worker group's placement group, else it stays reserved and later trials never get their workers
+    assert _live_groups() <= before
     rows = res["rows"]
     assert len(rows) == 2 and {r["strategy.name"] for r in rows} == {"random", "entropy"}
     assert all(r["status"] == "ok" and r["rounds"] == 2 and 0 <= r["alc"] <= 1 for r in rows)

@@ -107,9 +107,11 @@ class RoundCoordinator:
             self._stopped = True
             self._c().notify_all()
 
-    def hello(self, rank: int, pid: int, attempt: int) -> None:
-        """Workers register at start: one entry per worker process the service ever started."""
-        self._workers.append({"rank": rank, "pid": pid, "attempt": attempt, "time": time.time()})
+    def hello(self, rank: int, pid: int, attempt: int, placement_group: str | None = None) -> None:
+        """Workers register at start: one entry per worker process the service ever started, with the hex id of
+        the worker group's placement group."""
+        self._workers.append({"rank": rank, "pid": pid, "attempt": attempt, "time": time.time(),
+                              "placement_group": placement_group})
 
     def progress(self, round_index: int, step: int, steps: int, loss: float) -> None:
         self._progress = {"round": round_index, "step": step, "steps": steps, "loss": loss, "time": time.time()}

@@ -31,9 +31,29 @@ from typing import Any
 
 from raylearn.models.config import ModelConfig, TrainConfig
 
-__all__ = ["RoundResult", "TrainingService", "TrainingServiceError"]
+__all__ = ["RoundResult", "TrainingService", "TrainingServiceError", "live_placement_groups"]
 
 logger = logging.getLogger(__name__)
+
+#: the services started in this process and not stopped yet (see :func:`live_placement_groups`)
+_LIVE: dict[int, TrainingService] = {}
+
+
+def live_placement_groups() -> list[str]:
+    """Hex ids of the worker-group placement groups of this process's running training services.
+
+    A Ray Tune trial reports them (``raylearn.tune``): Tune ends a stopped trial by ending its actor, so the
+    service never reaches :meth:`TrainingService.stop`, and Ray Train's own clean-up of the orphaned placement
+    group needs the dashboard's state API, absent from a local ``include_dashboard=False`` instance. Without
+    this the sweep's driver could not release them, and every stopped trial kept its CPUs reserved for good.
+    """
+    out: set[str] = set()
+    for service in list(_LIVE.values()):
+        try:
+            out.update(service.placement_groups())
+        except Exception as err:  # noqa: BLE001 - a coordinator lost with its node: nothing to report from it
+            logger.debug("training service %s: no placement groups (%s)", service.name, err)
+    return sorted(out)
 
 #: ``hook(rank, round, step, attempt)`` run in each worker after every optimiser step (tests inject faults here)
 StepHook = Callable[[int, int, int, int], None]
@@ -206,6 +226,7 @@ class TrainingService:
 
         self._thread = threading.Thread(target=_fit, name=f"raylearn-train-{self.name}", daemon=True)
         self._thread.start()
+        _LIVE[id(self)] = self
         self.startup_s = time.perf_counter() - t0
         logger.info("training service %s: %s worker(s), %s each, %d steps in all, storage %s", self.name,
                     num_workers, resources, self.total_steps, self.storage)
@@ -227,6 +248,7 @@ class TrainingService:
                 logger.warning("training service: fit() did not finish within %.0f s", timeout_s)
         ray.kill(self.coordinator)
         self.coordinator = None
+        _LIVE.pop(id(self), None)
 
     def __enter__(self) -> TrainingService:
         return self.start()
@@ -316,3 +338,9 @@ class TrainingService:
         import ray
 
         return ray.get(self.coordinator.status.remote())
+
+    def placement_groups(self) -> set[str]:
+        """Hex ids of the placement groups the service's worker groups ran in (one per worker-group start)."""
+        if self.coordinator is None:
+            return set()
+        return {w["placement_group"] for w in self.status()["workers"] if w.get("placement_group")}

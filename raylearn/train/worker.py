@@ -190,7 +190,9 @@ class _Loop:
     def run(self) -> None:
         import ray
 
-        ray.get(self.coord.hello.remote(self.rank, os.getpid(), self.state["attempt"]))
+        pg = ray.util.get_current_placement_group()  # the worker group's: a Tune sweep releases it if the trial dies
+        ray.get(self.coord.hello.remote(self.rank, os.getpid(), self.state["attempt"],
+                                        pg.id.hex() if pg is not None else None))
         if self.state["done"] and self.state["round"] >= 0:  # restored after a finished round: the driver may
             last = self.state["history"][-1] if self.state["history"] else {}  # not have its result yet
             self._publish(self.state["round"], last)
