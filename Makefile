@@ -39,17 +39,18 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q
-
-# default + `slow` (job submit, nnU-Net rounds, Tune kill-and-resume, actor kills); `gpu` tests need a GPU.
 # A test that hangs stops the run after 15 min with every thread's traceback instead of stalling CI: the timer runs
 # in a thread, because a test blocked in ray.get (C++) never sees SIGALRM or Ctrl-C (seen with the nnU-Net rounds).
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q --timeout=900 --timeout-method=thread
+
+# `slow`: job submit, nnU-Net rounds, Tune kill-and-resume, actor/worker/driver kills, multi-node node loss, async
+# annotation; `gpu` tests need a GPU.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'slow and not gpu' --timeout=900 --timeout-method=thread --durations=15
 
-test-all: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -m 'not gpu' --timeout=900 --timeout-method=thread --durations=15
+# what CI runs (.ci/run): the default selection (`make test`, the README's test command), then the slow one
+test-all: test test-slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check raylearn tests benchmarks
