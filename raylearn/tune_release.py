@@ -32,7 +32,6 @@ class ReleaseTrialPlacementGroups(Callback):
 
     def __init__(self) -> None:
         self.groups: dict[str, set[str]] = {}
-        self.released: list[str] = []  # hex ids removed by this callback, for logs and tests
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         ids = str(result.get(PG_KEY) or "").split()
@@ -46,7 +45,7 @@ class ReleaseTrialPlacementGroups(Callback):
 
     def release(self, trial_id: str) -> list[str]:
         """Remove the trial's placement groups that still exist; returns the hex ids removed."""
-        from ray._raylet import PlacementGroupID
+        from ray import PlacementGroupID
         from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
         removed = []
@@ -62,5 +61,4 @@ class ReleaseTrialPlacementGroups(Callback):
             log.info("trial %s: released its training placement group %s (the trial ended with its service up)",
                      trial_id, hex_id[:12])
             removed.append(hex_id)
-        self.released.extend(removed)
         return removed
