@@ -14,7 +14,7 @@ from pydantic import Field
 from raylearn.config import StrictModel
 from raylearn.tracking import _import, mlflow_wanted, resolve_uri, tracking_client
 
-__all__ = ["TuneTrackingConfig", "tune_callbacks"]
+__all__ = ["TuneTrackingConfig", "open_tracking_store", "tune_callbacks"]
 
 
 class TuneTrackingConfig(StrictModel):
@@ -36,15 +36,25 @@ class TuneTrackingConfig(StrictModel):
     tensorboard: bool = False
 
 
+def open_tracking_store(tc: TuneTrackingConfig, out: str | Path) -> str | None:
+    """The sweep's MLflow tracking URI, its store checked in this process (failing now, naming the key, rather than
+    inside Tune; a file store allowed, see :func:`raylearn.tracking.tracking_client`); None when MLflow is off.
+    A resumed sweep needs this too: ``Tuner.restore`` brings back the callbacks but not this process's set-up."""
+    if not mlflow_wanted(tc.mlflow):
+        return None
+    uri = resolve_uri(tc.uri, out)
+    tracking_client(uri)
+    return uri
+
+
 def tune_callbacks(tc: TuneTrackingConfig, out: str | Path, sweep_name: str) -> list:
     """Ray Tune's own logger callbacks for a sweep: ``MLflowLoggerCallback`` (one MLflow run per trial in
     ``tc.uri``, default ``<out>/mlruns``) and, when asked, ``TBXLoggerCallback``."""
     callbacks = []
-    if mlflow_wanted(tc.mlflow):
+    uri = open_tracking_store(tc, out)
+    if uri is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        uri = resolve_uri(tc.uri, out)
-        tracking_client(uri)  # fail now, naming the key, rather than inside Tune
         callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=tc.experiment or sweep_name,
                                               tags={"raylearn.sweep": sweep_name, **tc.tags}, save_artifact=True))
     if tc.tensorboard:

@@ -221,7 +221,7 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raylearn.runtime import ensure_ray, ensure_store
-    from raylearn.tracking_tune import tune_callbacks
+    from raylearn.tracking_tune import open_tracking_store, tune_callbacks
     from raylearn.tune_release import ReleaseTrialPlacementGroups
 
     base_path = (Path(source).parent / sweep.experiment).resolve()
@@ -270,10 +270,8 @@ def run_sweep(sweep: SweepConfig, source: str, resume: bool = False) -> dict:
     if resume:
         if not tune.Tuner.can_restore(str(exp_path)):
             raise ConfigError(f"{exp_path}: no sweep to resume here")
-        # Tuner.restore brings back the pickled callbacks, but not what building them does in this process: check
-        # the tracking store again and allow MLflow's file store (MLFLOW_ALLOW_FILE_STORE), else the restored
-        # MLflowLoggerCallback refuses a fresh `raylearn tune --resume` process
-        tune_callbacks(sweep.tracking, out, sweep.name)
+        # else the restored MLflowLoggerCallback refuses MLflow's file store in a fresh `raylearn tune --resume`
+        open_tracking_store(sweep.tracking, out)
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True, param_space=param_space)
     else:
         if exp_path.exists() and any(exp_path.iterdir()):
