@@ -267,11 +267,15 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                 chosen, scores = list(recorded["ids"]), recorded.get("scores")
             else:
                 budget = _budget(cfg, r, len(units), len(labeled))
-                if budget <= 0:
+                if budget <= 0 and not schedule.trains_past_budget:
                     log.info("budget spent after %d %s; stopping", len(labeled),
                              _UNIT_WORDS[units.kind])
                     break
                 name, strategy = schedule.strategy(r, *_strategy(cfg, r))  # an admin may override it
+            if recorded is None and budget <= 0:  # async, budget spent: the round trains on what is labelled
+                chosen, scores = [], None
+                ledger.append("selected", round=r, ids=chosen, scores=scores, strategy=name)
+            elif recorded is None:
                 if model_features(split_features(strategy.requires)[0]) and checkpoint is None:
                     raise ConfigError(f"strategy {name!r} needs features {sorted(strategy.requires)}, which need a "
                                       "trained model; use a feature-free cold_start strategy (e.g. random)")

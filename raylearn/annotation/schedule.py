@@ -7,13 +7,17 @@ The round loop stays one loop; a schedule decides four things in it:
 - ``budget(b, view)``: sync ``b``; async ``b + lookahead`` ranked suggestions (annotators never run dry).
 - ``collect(r, chosen, labeled, checkpoint)``: publishes the suggestions to the annotation workspace (the API
   serves them) and returns the round's labels. Sync: the oracle labels ``chosen`` (simulated: ground truth into
-  the label store; human: waits for the uploads). Async: waits for ``labels_per_round`` *new* labels (any
-  cases) or ``round_timer_s`` with at least one; a round takes at most ``labels_per_round`` (round 0: the
-  cold-start size), so both modes spend the label budget over the same number of rounds.
-- ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and, when the timer
-  started it short of its quota, labels that arrive while it trains fill the rest
-  (``TrainingService.extend_round``; the workers pick them up between steps); returns those ids too. Labels
-  beyond the quota wait for the next round.
+  the label store; human: waits for the uploads). Async: a round starts once ``labels_per_round`` *new* labels
+  (any cases) are in, or ``round_timer_s`` passed with at least one; round 0 starts on the first cold-start
+  label (the trainer does not wait for the whole cold start). The round takes every label that has arrived,
+  up to the label budget (``schedule.max_labeled``): expert time is the scarce resource, so no finished label
+  waits a round for a quota. Once the budget is spent, the remaining rounds train on the labels there are
+  (so an async run trains as many rounds, and steps, as a sync one) and suggest nothing.
+- ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and labels that
+  arrive while it trains join it (``TrainingService.extend_round``; the workers pick them up between steps);
+  returns those ids too.
+- Suggestions in async mode are capped by what the budget can still take (labels in and cases leased count),
+  so annotators are not handed cases whose labels no round could use.
 
 With ``oracle: simulated`` in async mode, :class:`raylearn.annotation.simulate.SimulatedAnnotators` label the
 suggestions in threads after a delay (people stand-ins); with ``oracle: human`` people do, over HTTP.
@@ -63,6 +67,7 @@ class SyncSchedule:
     """Label the selection, then train (the papers' protocol; selections identical to a plain run's)."""
 
     mode = "sync"
+    trains_past_budget = False  # a spent label budget ends the run
 
     def __init__(self, cfg, store, labels: LabelStore, workspace: Workspace) -> None:
         self.cfg, self.labels, self.ws = cfg, labels, workspace
@@ -131,6 +136,7 @@ class AsyncSchedule(SyncSchedule):
     """People label while the model trains; rounds start on ``labels_per_round`` new labels or a timer."""
 
     mode = "async"
+    trains_past_budget = True  # rounds go on, training on the final labels, until ``schedule.rounds``
 
     def __init__(self, cfg, store, labels: LabelStore, workspace: Workspace, pool_ids: list[str]) -> None:
         super().__init__(cfg, store, labels, workspace)
@@ -148,41 +154,56 @@ class AsyncSchedule(SyncSchedule):
     def view(self, view, labeled: list[str]):
         import dataclasses
 
+        self._labeled_now = list(labeled)
         taken = set(labeled) | set(self.labels.labelled_ids()) | self.ws.leased_ids()
         return dataclasses.replace(view, labeled_mask=np.isin(view.ids, sorted(taken)))
 
+    def _room(self, labeled: list[str]) -> int | None:
+        """Labels the budget can still take beyond ``labeled`` (None: no ``max_labeled``)."""
+        cap = self.cfg.schedule.max_labeled
+        return None if cap is None else max(0, cap - len(labeled))
+
     def budget(self, budget: int, view) -> int:
-        free = int((~np.asarray(view.labeled_mask)).sum())
+        """``budget + lookahead`` suggestions, capped by the free cases and by what the label budget can still
+        take once the labels already in and the cases leased (labels in progress) are counted."""
         if budget <= 0:
             return 0
-        self._want = budget  # the round's labels; the lookahead only keeps annotators busy
-        return max(0, min(budget + self.lookahead, free))
+        free = int((~np.asarray(view.labeled_mask)).sum())
+        n = min(budget + self.lookahead, free)
+        room = self._room(getattr(self, "_labeled_now", []))
+        if room is not None:
+            have = set(getattr(self, "_labeled_now", []))
+            arrived = len(set(self.labels.labelled_ids()) - have)
+            in_progress = len(self.ws.leased_ids() - have - set(self.labels.labelled_ids()))
+            n = min(n, max(0, room - arrived - in_progress))
+        return max(0, n)
 
     def _new(self, labeled: list[str]) -> list[str]:
         """Labelled ids not in ``labeled`` yet, in label order, capped at ``schedule.max_labeled``."""
         have = set(labeled)
         new = [c for c in self.labels.labelled_ids() if c not in have]
-        cap = self.cfg.schedule.max_labeled
-        return new if cap is None else new[: max(0, cap - len(labeled))]
+        room = self._room(labeled)
+        return new if room is None else new[:room]
 
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
                 ) -> tuple[list[str], LabelReceipt]:
         self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
-        base = getattr(self, "_want", len(chosen))  # labels may come from any case, suggested now or before
-        want = base if r == 0 else min(self.k, base)  # round 0: the whole cold start
+        room = self._room(labeled)
+        if room == 0:  # the label budget is spent: this round trains on the labels there are
+            log.info("round %d: label budget spent; training on the %d labels in", r, len(labeled))
+            return [], _receipt(self.labels, [])
+        want = 1 if r == 0 else (self.k if room is None else min(self.k, room))  # round 0 streams
         t0 = time.monotonic()
         while True:
             new = self._new(labeled)
             waited = time.monotonic() - t0
-            if len(new) >= want or (r > 0 and new and waited >= self.timer_s):
-                new = new[:want]  # a round takes at most its quota; later labels go to the next round
+            if len(new) >= want or (new and waited >= self.timer_s):
                 break
             if self.timeout_s is not None and waited > self.timeout_s:
                 raise OracleTimeout(f"round {r}: {len(new)} of {want} labels after {self.timeout_s:g} s")
             time.sleep(0.2)
         log.info("round %d: %d new label(s) after %.1f s", r, len(new), time.monotonic() - t0)
-        self._quota_left = want - len(new)  # a timer-started round takes the rest while it trains
         return new, _receipt(self.labels, new)
 
     def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
@@ -196,8 +217,7 @@ class AsyncSchedule(SyncSchedule):
                 res = service.wait_round(r, timeout_s=1.0)
                 break
             except TimeoutError:
-                room = getattr(self, "_quota_left", 0) - len(added)
-                new = [c for c in self._new(have) if c not in added][: max(0, room)]
+                new = self._new(have)  # every label in since, up to the budget
                 if new:
                     service.extend_round(r, new)
                     added += new

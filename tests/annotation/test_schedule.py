@@ -91,7 +91,8 @@ def test_async_schedule_view_budget_and_label_driven_rounds(tmp_path):
     view = PoolView(ids=np.array(list(store.cases)), labeled_mask=np.zeros(8, bool), features={})
     v = sched.view(view, [])
     assert v.ids[v.labeled_mask].tolist() == ["c0", "c5"]  # labelled meanwhile, and leased: not suggested
-    assert sched.budget(2, v) == 5 and sched.budget(0, v) == 0
+    # 2 + 3 lookahead, capped by the label budget: 5 - c0 (in) - c5 (leased: a label in progress) = 3
+    assert sched.budget(2, v) == 3 and sched.budget(0, v) == 0
     # round 1 starts once k = batch_size new labels are in (c0 is one; c3 arrives)
     labels.put("c3", store.cases["c3"], "human", "bob")
     new, receipt = sched.collect(1, ["c3", "c4"], [], "ckpt")
@@ -100,14 +101,37 @@ def test_async_schedule_view_budget_and_label_driven_rounds(tmp_path):
     labels.put("c4", store.cases["c4"], "human", "bob")
     t0 = time.monotonic()
     new, _ = sched.collect(2, ["c6", "c7"], ["c0", "c3"], "ckpt")
-    assert new == ["c4"] and time.monotonic() - t0 >= 0.5 and sched._quota_left == 1  # the rest mid-round
-    # the label budget caps what a round takes, and so does its quota
+    assert new == ["c4"] and time.monotonic() - t0 >= 0.5
+    # the label budget caps what a round takes
     for c in ("c1", "c2", "c6"):
         labels.put(c, store.cases[c], "human", "x")
     assert sched._new(["c0", "c3", "c4"]) == ["c1", "c2"]
-    sched.budget(2, v)
     new, _ = sched.collect(3, ["c7", "c5"], ["c0", "c3", "c4"], "ckpt")
-    assert new == ["c1", "c2"] and sched._quota_left == 0
+    assert new == ["c1", "c2"]
+    # budget spent: the round does not wait, it trains on the labels there are; nothing more is suggested
+    labeled = ["c0", "c3", "c4", "c1", "c2"]
+    t0 = time.monotonic()
+    assert sched.collect(4, [], labeled, "ckpt")[0] == [] and time.monotonic() - t0 < 0.5
+    sched.view(view, labeled)
+    assert sched.budget(2, v) == 0 and sched.trains_past_budget
+
+
+def test_async_rounds_take_every_label_in_and_round_zero_streams(tmp_path):
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    cfg = _cfg(tmp_path, mode="async", round_timer_s=30)
+    ws = attach_run(tmp_path, cfg, store, labels, list(store.cases))
+    sched = AsyncSchedule(cfg, store, labels, ws, list(store.cases))
+    # round 0 (cold start of 2) starts on the first label: the trainer does not wait for the rest
+    labels.put("c2", store.cases["c2"], "human", "alice")
+    t0 = time.monotonic()
+    new, _ = sched.collect(0, ["c2", "c5"], [], None)
+    assert new == ["c2"] and time.monotonic() - t0 < 5
+    # a later round takes every label that has arrived, not just k = 2 (no max_labeled: no cap)
+    for c in ("c5", "c1", "c7"):
+        labels.put(c, store.cases[c], "human", "bob")
+    new, _ = sched.collect(1, ["c1"], ["c2"], "ckpt")
+    assert new == ["c5", "c1", "c7"]
 
 
 def test_simulated_annotators_label_the_queue_with_leases(tmp_path):
