@@ -179,6 +179,9 @@ class ScheduleConfig(StrictModel):
     skip cases someone holds a lease on. ``simulated_annotators`` / ``simulated_delay_s``: with
     ``oracle: simulated`` in async mode, that many in-process annotators label each case after a delay drawn
     uniformly from the range (seconds). ``label_timeout_s``: how long a round waits for labels (None: for ever).
+    ``train_while_waiting`` (async, MONAI backend): a round that has trained its steps keeps training on the
+    labels it has until its labels are in (or ``round_timer_s``), instead of the trainer idling while people
+    label; needs ``train.schedule: constant`` (a decaying LR schedule spans a fixed step budget).
     """
 
     rounds: int = Field(5, ge=0)
@@ -193,6 +196,7 @@ class ScheduleConfig(StrictModel):
     label_timeout_s: float | None = Field(None, gt=0)
     simulated_annotators: int = Field(2, ge=1, le=64)
     simulated_delay_s: tuple[float, float] = (0.0, 0.0)
+    train_while_waiting: bool = True
 
 
 class UnitConfig(StrictModel):
@@ -319,6 +323,15 @@ class ExperimentConfig(StrictModel):
         for bad, why in refuse:
             if bad:
                 raise ValueError(f"unit: {kind}: {why}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_async_training(self) -> ExperimentConfig:
+        s = self.schedule
+        if s.mode == "async" and s.train_while_waiting and self.train.schedule != "constant":
+            raise ValueError(f"schedule.train_while_waiting: async rounds that train while they wait for labels "
+                             f"run past any fixed step budget, which train.schedule: {self.train.schedule} decays "
+                             "over; use train.schedule: constant, or set schedule.train_while_waiting: false")
         return self
 
     @model_validator(mode="after")

@@ -244,6 +244,7 @@ def run_experiment(cfg: ExperimentConfig, resume: bool = False, allow_config_cha
                                  resume=header is not None or bool(rounds), previous_checkpoint=checkpoint,
                                  step_hook=step_hook, storage=storage, scaling=plan.scaling(),
                                  replan=replan_training(cfg, len(open_cases)), promptable=cfg.promptable)
+    schedule.bind(trainer)
     started = len(rounds) < n_rounds
     if started:  # the service's start-up (a thread) overlaps the shards' start-up
         trainer.start()

@@ -74,6 +74,28 @@ def test_labels_added_while_a_round_is_queued_are_trained(ray_session, store, tm
     assert res.info["labels_version"] == 1 and res.info["n_train"] == 4
 
 
+def test_a_held_round_trains_past_its_budget_until_released(ray_session, store, tmp_path):
+    """``hold``: the workers keep training on the labels they have (asynchronous labelling: the trainer does not
+    idle while people label); released, the round ends a few polls later, at a multiple of the poll interval."""
+    ids = store.case_ids("pool")
+    cfg = TrainConfig(first_round_steps=4, steps=4, batch_size=2, log_every=2)
+    with TrainingService(store, _model(store), cfg, total_steps=8, storage_path=tmp_path) as svc:
+        svc.submit_round(0, ids[:2], hold=True)
+        deadline = time.monotonic() + 120
+        while (svc.status()["progress"].get("step") or 0) < 12 and time.monotonic() < deadline:
+            with pytest.raises(TimeoutError):
+                svc.wait_round(0, timeout_s=0.5)  # not done at its 4-step budget: held
+        svc.extend_round(0, ids[2:3])
+        svc.release_round(0)
+        res = svc.wait_round(0, timeout_s=120)
+        # a later round without hold stops at its budget
+        r1 = svc.fit_round(1, ids[:4])
+    n = res.info["trained_steps"]
+    assert n >= 12 + 4 * cfg.label_poll_steps() and n % cfg.label_poll_steps() == 0
+    assert res.info["steps"] == n and res.info["n_train"] == 3  # the label that came while it was held
+    assert r1.info["trained_steps"] == 4
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_round_resumes_from_its_checkpoint_exactly(ray_session, store, tmp_path):
     """Ray Train restarts the group; the round continues at step 4 and ends with the uninterrupted weights."""

@@ -120,6 +120,10 @@ class SyncSchedule:
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
         return list(chosen), self.oracle.label(chosen)
 
+    def bind(self, trainer) -> None:
+        """The run's trainer (the async schedule holds rounds on a training service)."""
+        return None
+
     def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
         checkpoint, info = trainer.fit(r, list(labeled), seed=seed)
         return checkpoint, info, []
@@ -143,6 +147,8 @@ class AsyncSchedule(SyncSchedule):
         s = cfg.schedule
         self.k = s.labels_per_round or s.batch_size
         self.timer_s, self.lookahead, self.timeout_s = s.round_timer_s, s.lookahead, s.label_timeout_s
+        self.train_while_waiting = s.train_while_waiting
+        self._service = None  # set by bind(): held rounds need the training service
         self.annotators = None
         if cfg.oracle == "simulated":
             from raylearn.annotation.simulate import DirectClient, SimulatedAnnotators
@@ -166,6 +172,7 @@ class AsyncSchedule(SyncSchedule):
     def budget(self, budget: int, view) -> int:
         """``budget + lookahead`` suggestions, capped by the free cases and by what the label budget can still
         take once the labels already in and the cases leased (labels in progress) are counted."""
+        self._round_budget = budget
         if budget <= 0:
             return 0
         free = int((~np.asarray(view.labeled_mask)).sum())
@@ -185,15 +192,33 @@ class AsyncSchedule(SyncSchedule):
         room = self._room(labeled)
         return new if room is None else new[:room]
 
+    def _want(self, r: int, room: int | None) -> int:
+        """New labels round ``r`` is for: the whole cold start in round 0, ``labels_per_round`` after; at most
+        what the budget can still take."""
+        want = getattr(self, "_cold_start", self.k) if r == 0 else self.k
+        return want if room is None else max(1, min(want, room))
+
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
                 ) -> tuple[list[str], LabelReceipt]:
         self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
+        if r == 0:
+            self._cold_start = int(getattr(self, "_round_budget", 0) or len(chosen) or self.k)
         room = self._room(labeled)
+        self._round_base, self._round_want = len(labeled), self._want(r, room)
         if room == 0:  # the label budget is spent: this round trains on the labels there are
             log.info("round %d: label budget spent; training on the %d labels in", r, len(labeled))
             return [], _receipt(self.labels, [])
-        want = 1 if r == 0 else (self.k if room is None else min(self.k, room))  # round 0 streams
+        # Round 0 starts on its first label. With train_while_waiting, a later round starts at once (its labels
+        # join it while it trains and holds), unless the round before ran out its timer with no label at all
+        # (nobody labelling: wait for one rather than train on). Otherwise a round waits for its labels or the
+        # timer (with at least one).
+        holding = self.train_while_waiting and self._service is not None
+        if holding and r > 0 and not getattr(self, "_starved", False):
+            new = self._new(labeled)
+            log.info("round %d: starts with %d new label(s); the rest join while it trains", r, len(new))
+            return new, _receipt(self.labels, new)
+        want = 1 if (r == 0 or holding) else self._round_want
         t0 = time.monotonic()
         while True:
             new = self._new(labeled)
@@ -206,12 +231,23 @@ class AsyncSchedule(SyncSchedule):
         log.info("round %d: %d new label(s) after %.1f s", r, len(new), time.monotonic() - t0)
         return new, _receipt(self.labels, new)
 
+    def bind(self, trainer) -> None:
+        """The run's trainer: rounds are held only on a training service (nnU-Net rounds are one task each)."""
+        self._service = getattr(trainer, "service", None)
+
     def fit(self, trainer, r: int, labeled: list[str], seed: int) -> tuple[str, dict[str, Any], list[str]]:
         service = getattr(trainer, "service", None)
         if service is None:  # nnU-Net rounds are one task each: nothing to extend
             return super().fit(trainer, r, labeled, seed)
-        service.submit_round(r, list(labeled), seed=seed)
-        have, added = list(labeled), []
+        base, want = getattr(self, "_round_base", 0), getattr(self, "_round_want", self.k)
+        have, added, t0 = list(labeled), [], time.monotonic()
+
+        def labels_in() -> bool:  # the round's labels are in, or no more can come
+            return len(have) - base >= want or self._room(have) == 0
+
+        hold = self.train_while_waiting and not labels_in()
+        service.submit_round(r, list(labeled), seed=seed, hold=hold)
+        self._starved, held_s = False, 0.0
         while True:
             try:
                 res = service.wait_round(r, timeout_s=1.0)
@@ -222,8 +258,14 @@ class AsyncSchedule(SyncSchedule):
                     service.extend_round(r, new)
                     added += new
                     have += new
+                # a held round ends once its labels are in (or no more can come), or at the timer
+                if hold and (labels_in() or time.monotonic() - t0 >= self.timer_s):
+                    self._starved = len(have) == len(labeled) and not labels_in()
+                    service.release_round(r)
+                    hold, held_s = False, time.monotonic() - t0
         path = res.save(trainer.ckpt_dir / f"round_{r:02d}.pt")
-        info = {**res.info, "wall_s": res.wall_s, "labels_added_mid_round": len(added)}
+        info = {**res.info, "wall_s": res.wall_s, "labels_added_mid_round": len(added),
+                "held_until_s": round(held_s, 1)}  # seconds from submit to release (0: not held)
         # ids that arrived too late for any step of this round still count as this round's labels
         return str(path), info, added
 

@@ -238,6 +238,11 @@ class TrainConfig(StrictModel):
             return int(self.first_round_steps)
         return int(self.steps)
 
+    def label_poll_steps(self) -> int:
+        """How often (steps) workers ask the round coordinator whether the round's labels or hold changed:
+        every ``log_every`` steps, at most 5, so a round released past its budget ends within a few steps."""
+        return max(1, min(int(self.log_every), 5))
+
     def run_steps(self, rounds: int) -> int:
         """Total steps of a run with a cold-start round and ``rounds`` further rounds."""
         return self.round_steps(0) + int(rounds) * int(self.steps)

@@ -4,7 +4,9 @@ The driver submits rounds (labelled ids, step budget, seed); workers block in :m
 is there, train it, and rank 0 hands back the round's weights with :meth:`done` (and, when the promptable model
 is fine-tuned too, its weights with :meth:`prompt_done` after that phase). The labelled set of a round
 may grow while it trains (:meth:`extend`): workers poll :meth:`labels` between steps, which is how people
-labelling through the annotation API feed a round that is already running.
+labelling through the annotation API feed a round that is already running. A round submitted with ``hold``
+keeps training past its step budget until the driver calls :meth:`release` (asynchronous labelling: the trainer
+goes on learning from the labels it has while it waits for the round's labels, instead of idling).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class RoundCoordinator:
         return self._cond
 
     async def submit(self, spec: dict[str, Any]) -> None:
-        """Driver: queue round ``spec["round"]`` (``ids``, ``steps``, ``seed``); a resubmission replaces it."""
+        """Driver: queue round ``spec["round"]`` (``ids``, ``steps``, ``seed``, optional ``hold``); a resubmission
+        replaces it."""
         async with self._c():
             self._rounds[int(spec["round"])] = {**spec, "version": 0}
             self._results.pop(int(spec["round"]), None)
@@ -53,12 +56,29 @@ class RoundCoordinator:
                 spec["version"] += 1
             return spec["version"]
 
-    def labels(self, round_index: int, version: int) -> tuple[int, list[str]] | None:
-        """Workers: ``(version, ids)`` when the round's labels changed since ``version``, else None."""
+    async def release(self, round_index: int) -> int:
+        """Driver: a held round may end; returns the new version.
+
+        Released within its step budget, the round ends at the budget. Released past it, the round ends at a
+        step every worker will still see coming: a multiple of the workers' poll interval at least 4 polls past
+        rank 0's last reported step (data-parallel workers must stop at the same step)."""
+        async with self._c():
+            spec = self._rounds[int(round_index)]
+            if spec.get("hold"):
+                poll = max(1, int(spec.get("poll", 1)))
+                at = int(self._progress.get("step", 0)) if self._progress.get("round") == int(round_index) else 0
+                if at + 4 * poll > int(spec["steps"]):
+                    spec["steps"] = -(-(at + 4 * poll) // poll) * poll
+                spec["hold"] = False
+                spec["version"] += 1
+            return spec["version"]
+
+    def labels(self, round_index: int, version: int) -> tuple[int, list[str], bool, int] | None:
+        """Workers: ``(version, ids, hold, steps)`` when the round changed since ``version``, else None."""
         spec = self._rounds.get(int(round_index))
         if spec is None or spec["version"] == version:
             return None
-        return spec["version"], list(spec["ids"])
+        return spec["version"], list(spec["ids"]), bool(spec.get("hold", False)), int(spec["steps"])
 
     async def next_round(self, after: int) -> dict[str, Any] | None:
         """Workers: block until a round later than ``after`` is submitted (the earliest) or the service stops."""

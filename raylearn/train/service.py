@@ -258,8 +258,9 @@ class TrainingService:
 
     # -- rounds -----------------------------------------------------------------------------------
     def submit_round(self, round_index: int, labeled_ids: Sequence[str], steps: int | None = None,
-                     seed: int | None = None) -> None:
-        """Queue a round: every labelled id so far, ``steps`` optimiser steps (default ``train.round_steps``)."""
+                     seed: int | None = None, hold: bool = False) -> None:
+        """Queue a round: every labelled id so far, ``steps`` optimiser steps (default ``train.round_steps``).
+        With ``hold``, the workers keep training past ``steps`` until :meth:`release_round`."""
         import ray
 
         ids = list(dict.fromkeys(str(i) for i in labeled_ids))
@@ -272,7 +273,8 @@ class TrainingService:
             raise TrainingServiceError("the training service is not running: call start() first")
         steps = self.train_cfg.round_steps(round_index) if steps is None else int(steps)
         spec = {"round": int(round_index), "ids": ids, "steps": steps,
-                "seed": int(self.train_cfg.seed if seed is None else seed), "submitted_at": time.time()}
+                "seed": int(self.train_cfg.seed if seed is None else seed), "submitted_at": time.time(),
+                "hold": bool(hold), "poll": self.train_cfg.label_poll_steps()}
         if self.promptable is not None:
             spec["promptable_steps"] = self.promptable.round_steps(round_index)
         ray.get(self.coordinator.submit.remote(spec))
@@ -286,6 +288,12 @@ class TrainingService:
         if unknown:
             raise ValueError(f"labelled ids not in the pool store: {unknown[:5]}")
         return int(ray.get(self.coordinator.extend.remote(round_index, [str(i) for i in labeled_ids])))
+
+    def release_round(self, round_index: int) -> int:
+        """Let a round submitted with ``hold`` end (at its step budget, or soon after when it is past it)."""
+        import ray
+
+        return int(ray.get(self.coordinator.release.remote(int(round_index))))
 
     def wait_round(self, round_index: int, timeout_s: float | None = None) -> RoundResult:
         """Block until the round's weights are published; raises :class:`TrainingServiceError` if training died."""

@@ -222,14 +222,20 @@ class _Loop:
         if self.transform is None:
             self.transform = T.train_transforms(self.model_cfg, cfg, crop=not self.cache.whole_volume())
         seed = [int(spec["seed"]), r, self.rank]
-        t0, losses, n = time.perf_counter(), [], 0
-        for step in range(start, steps):
-            if cfg.log_every and step % cfg.log_every == 0 and step > start:
+        hold = bool(spec.get("hold", False))  # keep training past ``steps`` until the driver releases the round
+        poll = cfg.label_poll_steps()
+        t0, losses, n, step = time.perf_counter(), [], 0, start
+        while step < steps or hold:
+            if step % poll == 0 and step > start:
                 newer = ray.get(self.coord.labels.remote(r, version))  # labels may grow between steps
                 if newer is not None:
-                    version, ids = newer
-                    train_ids, val_ids = T.split_validation(ids, cfg)
-                    self.cache.ensure(train_ids)
+                    version, new_ids, hold, steps = newer
+                    if new_ids != ids:
+                        ids = new_ids
+                        train_ids, val_ids = T.split_validation(ids, cfg)
+                        self.cache.ensure(train_ids)
+                if step >= steps and not hold:
+                    break
             x, y = T.sample_batch(self.cache, train_ids, self.transform, cfg.batch_size, step, seed)
             torch.manual_seed(_step_seed(seed, step))  # dropout masks (worker process only)
             losses.append(T.train_step(self.model, x, y, self.opt, self.sched, self.loss_fn, self.device,
@@ -246,6 +252,7 @@ class _Loop:
                 self.coord.progress.remote(r, step + 1, steps, float(np.mean(losses[-cfg.log_every:])))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
                 self._report({"round": r, "step": step + 1, "done": False, "loss": float(np.mean(losses[-10:]))})
+            step += 1
         train_s = time.perf_counter() - t0
         info: dict[str, Any] = {
             "round": r, "steps": steps, "resumed_at_step": start, "trained_steps": n, "train_s": train_s,

@@ -134,6 +134,89 @@ def test_async_rounds_take_every_label_in_and_round_zero_streams(tmp_path):
     assert new == ["c5", "c1", "c7"]
 
 
+class _Service:
+    """A training service that records calls: its round finishes once released (or at once when not held)."""
+
+    def __init__(self, on_wait=None):
+        self.calls, self.held, self.on_wait, self.waits = [], False, on_wait, 0
+
+    def submit_round(self, r, ids, seed=None, hold=False):
+        self.calls.append(("submit", r, list(ids), hold))
+        self.held = hold
+
+    def extend_round(self, r, ids):
+        self.calls.append(("extend", r, list(ids)))
+
+    def release_round(self, r):
+        self.calls.append(("release", r))
+        self.held = False
+
+    def wait_round(self, r, timeout_s=None):
+        from types import SimpleNamespace
+
+        self.waits += 1
+        if self.on_wait is not None:
+            self.on_wait(self.waits)
+        if self.held:
+            time.sleep(0.01)
+            raise TimeoutError
+        return SimpleNamespace(info={"trained_steps": 4, "steps": 4}, wall_s=0.1,
+                               save=lambda path: path)
+
+
+def test_async_rounds_train_while_they_wait_for_their_labels(tmp_path):
+    """train_while_waiting: round 0 starts on its first label and is held until the cold start is in; a later
+    round starts at once and is held until k new labels are in; with nobody labelling, the timer ends it and the
+    next round waits for a label instead of training on."""
+    from types import SimpleNamespace
+
+    store = _Store()
+    labels = LabelStore(tmp_path / "labels")
+    cfg = _cfg(tmp_path, mode="async", round_timer_s=0.6, lookahead=2)
+    ws = attach_run(tmp_path, cfg, store, labels, list(store.cases))
+    sched = AsyncSchedule(cfg, store, labels, ws, list(store.cases))
+    arrivals = {3: "c4", 6: "c6"}  # labels people hand in while round 0 trains (at the 3rd and 6th wait)
+    svc = _Service(on_wait=lambda n: n in arrivals and labels.put(arrivals[n], store.cases[arrivals[n]], "human",
+                                                                  "alice"))
+    trainer = SimpleNamespace(service=svc, ckpt_dir=tmp_path)
+    sched.bind(trainer)
+    view = PoolView(ids=np.array(list(store.cases)), labeled_mask=np.zeros(8, bool), features={})
+    sched.view(view, [])
+    assert sched.budget(3, view) == 5  # a cold start of 3, + 2 lookahead
+    labels.put("c1", store.cases["c1"], "human", "bob")
+    new, _ = sched.collect(0, ["c1", "c4", "c6", "c2", "c3"], [], None)
+    assert new == ["c1"]
+    _, info, added = sched.fit(trainer, 0, ["c1"], seed=0)
+    assert svc.calls[0] == ("submit", 0, ["c1"], True)  # held: 1 of the 3 cold-start labels
+    assert added == ["c4", "c6"] and svc.calls[-1] == ("release", 0) and info["held_until_s"] > 0
+    # round 1 starts at once with no new label; held until k = 2 arrive
+    svc.calls.clear()
+    svc.waits, arrivals = 0, {2: "c2", 4: "c3"}
+    labeled = ["c1", "c4", "c6"]
+    assert sched.collect(1, ["c2", "c3"], labeled, "ckpt")[0] == []
+    _, _, added = sched.fit(trainer, 1, labeled, seed=0)
+    assert svc.calls[0][3] is True and added == ["c2", "c3"] and ("release", 1) in svc.calls
+    # nobody labels: the timer releases round 2 and round 3 waits for a label rather than training on
+    svc.calls.clear()
+    svc.waits, arrivals = 0, {}
+    labeled += ["c2", "c3"]
+    assert sched.collect(2, ["c0"], labeled, "ckpt")[0] == []
+    t0 = time.monotonic()
+    assert sched.fit(trainer, 2, labeled, seed=0)[2] == [] and time.monotonic() - t0 >= 0.6
+    import threading
+
+    threading.Timer(0.3, lambda: labels.put("c0", store.cases["c0"], "human", "bob")).start()
+    t0 = time.monotonic()
+    assert sched.collect(3, ["c0"], labeled, "ckpt")[0] == ["c0"] and time.monotonic() - t0 >= 0.25
+
+
+def test_train_while_waiting_needs_a_constant_lr_schedule(tmp_path):
+    with pytest.raises(ValueError, match="train.schedule: constant"):
+        ExperimentConfig(output_dir=str(tmp_path), schedule={"mode": "async"}, train={"schedule": "cosine"})
+    ExperimentConfig(output_dir=str(tmp_path), schedule={"mode": "async", "train_while_waiting": False},
+                     train={"schedule": "cosine"})
+
+
 def test_simulated_annotators_label_the_queue_with_leases(tmp_path):
     store = _Store()
     labels = LabelStore(tmp_path / "labels")
