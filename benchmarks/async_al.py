@@ -4,8 +4,8 @@ Both modes run the same experiment (same data, model, recipe, strategy, seed, la
 ``oracle: human``: the labels come from ``--annotators`` simulated annotators (threads) calling the MONAI
 Label-compatible API of a Ray Serve app (``POST /activelearning/raylearn``, then ``PUT /datastore/label`` with the
 ground truth on the source image's grid) after a per-case labelling delay drawn uniformly from
-``--delay-s LO HI`` (people take 20-60 s per case; the default is that range, times ``--time-scale``, 1 by
-default).
+``--delay-s LO HI`` (people take 20-60 s per case; the default is that range times ``--time-scale``, 0.5 by
+default: 10-30 s).
 
 - ``sync``: the strategy selects a batch; annotators label it; then the model trains, the shards evaluate and
   score; the annotators are idle meanwhile.
@@ -23,7 +23,7 @@ seed and mode, the target line); the full run also writes ``benchmarks/results/a
 command, date, machine and load average)::
 
     .venv/bin/python benchmarks/async_al.py --quick                               # phantoms: the machinery
-    .venv/bin/python benchmarks/async_al.py --seeds 0 1 2 --out runs/async_al     # the benchmark (~35 min/seed)
+    .venv/bin/python benchmarks/async_al.py --seeds 0 1 2 --out runs/async_al     # the benchmark (~10 min/seed)
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="phantoms and a tiny model (checks the machinery, ~5 min)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/async_al[_quick])")
     p.add_argument("--annotators", type=int, default=3)
-    p.add_argument("--time-scale", type=float, default=1.0,
-                   help="labelling delays are 20-60 s x this (default 1: 20-60 s per case, unscaled)")
+    p.add_argument("--time-scale", type=float, default=0.5,
+                   help="labelling delays are 20-60 s x this (default 0.5: 10-30 s per case)")
     p.add_argument("--delay-s", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="labelling delay range in seconds (overrides --time-scale)")
     p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
