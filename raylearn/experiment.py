@@ -180,8 +180,10 @@ class ScheduleConfig(StrictModel):
     ``oracle: simulated`` in async mode, that many in-process annotators label each case after a delay drawn
     uniformly from the range (seconds). ``label_timeout_s``: how long a round waits for labels (None: for ever).
     ``train_while_waiting`` (async, MONAI backend): a round that has trained its steps keeps training on the
-    labels it has until its labels are in (or ``round_timer_s``), instead of the trainer idling while people
-    label; needs ``train.schedule: constant`` (a decaying LR schedule spans a fixed step budget).
+    labels it has until its labels are in (or ``round_timer_s``), and the next round starts at once, instead of
+    the trainer idling while people label; needs ``train.schedule: constant`` (a decaying LR schedule spans a
+    fixed step budget). In async mode every label that has arrived joins the current round (up to
+    ``max_labeled``), and once the budget is spent the remaining rounds train on the labels there are.
     """
 
     rounds: int = Field(5, ge=0)

@@ -15,7 +15,11 @@ The round loop stays one loop; a schedule decides four things in it:
   (so an async run trains as many rounds, and steps, as a sync one) and suggest nothing.
 - ``fit(trainer, r, labeled, seed)``: sync: one blocking round. Async: the round is submitted and labels that
   arrive while it trains join it (``TrainingService.extend_round``; the workers pick them up between steps);
-  returns those ids too.
+  returns those ids too. With ``schedule.train_while_waiting`` (default) a round short of its labels is
+  *held*: it keeps training past its step budget on the labels it has until they are in (or the timer), then
+  it is released (``TrainingService.release_round``). A later round then starts at once, its labels joining
+  it while it trains; only after a round whose timer ran out with no label at all does the next one wait for
+  a label. So the trainer does not idle while people label, and people do not wait for a quota.
 - Suggestions in async mode are capped by what the budget can still take (labels in and cases leased count),
   so annotators are not handed cases whose labels no round could use.
 
@@ -137,7 +141,8 @@ class SyncSchedule:
 
 
 class AsyncSchedule(SyncSchedule):
-    """People label while the model trains; rounds start on ``labels_per_round`` new labels or a timer."""
+    """People label while the model trains; a round is for ``labels_per_round`` new labels (or a timer), and is
+    held, training on, until they are in."""
 
     mode = "async"
     trains_past_budget = True  # rounds go on, training on the final labels, until ``schedule.rounds``
