@@ -184,9 +184,9 @@ class AsyncSchedule(SyncSchedule):
         n = min(budget + self.lookahead, free)
         room = self._room(getattr(self, "_labeled_now", []))
         if room is not None:
-            have = set(getattr(self, "_labeled_now", []))
-            arrived = len(set(self.labels.labelled_ids()) - have)
-            in_progress = len(self.ws.leased_ids() - have - set(self.labels.labelled_ids()))
+            have, done = set(getattr(self, "_labeled_now", [])), set(self.labels.labelled_ids())
+            arrived = len(done - have)
+            in_progress = len(self.ws.leased_ids() - have - done)
             n = min(n, max(0, room - arrived - in_progress))
         return max(0, n)
 
