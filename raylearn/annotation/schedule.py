@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,17 @@ class SyncSchedule:
         return None
 
 
+@dataclass
+class _AsyncRound:
+    """What an async round learns between the loop's calls: ``view`` and ``budget`` set the first two, ``collect``
+    the last two, and ``fit`` reads them."""
+
+    labeled_now: list[str] = field(default_factory=list)  # the labels the round's selection started from
+    budget: int = 0  # the loop's selection budget for the round
+    base: int = 0  # labels in when the round was collected
+    want: int = 0  # new labels the round is for (0 until ``collect``)
+
+
 class AsyncSchedule(SyncSchedule):
     """People label while the model trains; a round is for ``labels_per_round`` new labels (or a timer), and is
     held, training on, until they are in."""
@@ -154,6 +166,9 @@ class AsyncSchedule(SyncSchedule):
         self.timer_s, self.lookahead, self.timeout_s = s.round_timer_s, s.lookahead, s.label_timeout_s
         self.train_while_waiting = s.train_while_waiting
         self._service = None  # set by bind(): held rounds need the training service
+        self._round = _AsyncRound(want=self.k)  # the round in progress
+        self._cold_start = self.k  # round 0 is for the whole cold start (its size is known at round 0's collect)
+        self._starved = False  # the last held round's timer ran out with no label at all
         self.annotators = None
         if cfg.oracle == "simulated":
             from raylearn.annotation.simulate import DirectClient, SimulatedAnnotators
@@ -165,7 +180,7 @@ class AsyncSchedule(SyncSchedule):
     def view(self, view, labeled: list[str]):
         import dataclasses
 
-        self._labeled_now = list(labeled)
+        self._round = _AsyncRound(labeled_now=list(labeled), want=self.k)
         taken = set(labeled) | set(self.labels.labelled_ids()) | self.ws.leased_ids()
         return dataclasses.replace(view, labeled_mask=np.isin(view.ids, sorted(taken)))
 
@@ -177,14 +192,14 @@ class AsyncSchedule(SyncSchedule):
     def budget(self, budget: int, view) -> int:
         """``budget + lookahead`` suggestions, capped by the free cases and by what the label budget can still
         take once the labels already in and the cases leased (labels in progress) are counted."""
-        self._round_budget = budget
+        self._round.budget = budget
         if budget <= 0:
             return 0
         free = int((~np.asarray(view.labeled_mask)).sum())
         n = min(budget + self.lookahead, free)
-        room = self._room(getattr(self, "_labeled_now", []))
+        room = self._room(self._round.labeled_now)
         if room is not None:
-            have, done = set(getattr(self, "_labeled_now", [])), set(self.labels.labelled_ids())
+            have, done = set(self._round.labeled_now), set(self.labels.labelled_ids())
             arrived = len(done - have)
             in_progress = len(self.ws.leased_ids() - have - done)
             n = min(n, max(0, room - arrived - in_progress))
@@ -200,7 +215,7 @@ class AsyncSchedule(SyncSchedule):
     def _want(self, r: int, room: int | None) -> int:
         """New labels round ``r`` is for: the whole cold start in round 0, ``labels_per_round`` after; at most
         what the budget can still take."""
-        want = getattr(self, "_cold_start", self.k) if r == 0 else self.k
+        want = self._cold_start if r == 0 else self.k
         return want if room is None else max(1, min(want, room))
 
     def collect(self, r: int, chosen: list[str], labeled: list[str], checkpoint: str | None
@@ -208,9 +223,9 @@ class AsyncSchedule(SyncSchedule):
         self.wait_unpaused()
         self.ws.publish(r, chosen, checkpoint, r - 1 if checkpoint else None)
         if r == 0:
-            self._cold_start = int(getattr(self, "_round_budget", 0) or len(chosen) or self.k)
+            self._cold_start = int(self._round.budget or len(chosen) or self.k)
         room = self._room(labeled)
-        self._round_base, self._round_want = len(labeled), self._want(r, room)
+        self._round.base, self._round.want = len(labeled), self._want(r, room)
         if room == 0:  # the label budget is spent: this round trains on the labels there are
             log.info("round %d: label budget spent; training on the %d labels in", r, len(labeled))
             return [], _receipt(self.labels, [])
@@ -219,11 +234,11 @@ class AsyncSchedule(SyncSchedule):
         # (nobody labelling: wait for one rather than train on). Otherwise a round waits for its labels or the
         # timer (with at least one).
         holding = self.train_while_waiting and self._service is not None
-        if holding and r > 0 and not getattr(self, "_starved", False):
+        if holding and r > 0 and not self._starved:
             new = self._new(labeled)
             log.info("round %d: starts with %d new label(s); the rest join while it trains", r, len(new))
             return new, _receipt(self.labels, new)
-        want = 1 if (r == 0 or holding) else self._round_want
+        want = 1 if (r == 0 or holding) else self._round.want
         t0 = time.monotonic()
         while True:
             new = self._new(labeled)
@@ -244,7 +259,7 @@ class AsyncSchedule(SyncSchedule):
         service = getattr(trainer, "service", None)
         if service is None:  # nnU-Net rounds are one task each: nothing to extend
             return super().fit(trainer, r, labeled, seed)
-        base, want = getattr(self, "_round_base", 0), getattr(self, "_round_want", self.k)
+        base, want = self._round.base, self._round.want
         have, added, t0 = list(labeled), [], time.monotonic()
 
         def labels_in() -> bool:  # the round's labels are in, or no more can come
