@@ -18,7 +18,7 @@ Paper figures for reference (2D, other data): ACDC 10 % labels 81.43 vs random 7
 Usage (run it alone on the machine; the lead schedules the full run)::
 
     python benchmarks/sbc_al.py [--strategies sbc,random,least_confidence] [--seeds 3] [--cold 8] [--rounds 3]
-        [--batch 4] [--first-steps 300] [--steps 200] [--beta 1.0] [--gamma 1.0] [--out runs/bench_sbc]
+        [--batch 4] [--first-steps 300] [--steps 200] [--beta 2.0] [--gamma 0.5] [--out runs/bench_sbc]
     python benchmarks/sbc_al.py --quick   # phantom smoke run; writes runs/bench_sbc_quick/sbc_al_quick.json only
 """
 
@@ -97,8 +97,10 @@ def head_cost(store_dir: Path, model_cfg_sbc, n_steps: int, n_cases: int) -> dic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = al_parser(__doc__.split("\n")[0], "sbc,random,least_confidence")
-    ap.add_argument("--beta", type=float, default=1.0, help="model.sbc.beta (SFP loss weight)")
-    ap.add_argument("--gamma", type=float, default=1.0, help="model.sbc.gamma (ASR loss weight)")
+    ap.add_argument("--beta", type=float, default=2.0,
+                    help="model.sbc.beta (SFP loss weight; 2.0: the choice of deployments/sweep_sbc.yaml)")
+    ap.add_argument("--gamma", type=float, default=0.5,
+                    help="model.sbc.gamma (ASR loss weight; 0.5: the choice of deployments/sweep_sbc.yaml)")
     ap.add_argument("--head-resolution", choices=("full", "half"), default="full",
                     help="model.sbc.head_resolution of the AL runs")
     ap.add_argument("--cost-steps", type=int, default=20, help="timed optimiser steps per network")
