@@ -24,12 +24,17 @@ CFG = {
 }
 
 
+def _tiny(tmp_path, cold_start: dict, strategy: dict) -> dict:
+    """:data:`CFG` with its outputs under ``tmp_path`` and the given cold start and strategy."""
+    return {**CFG, "output_dir": str(tmp_path / "run"), "data": {**CFG["data"], "store": str(tmp_path / "store")},
+            "cold_start": cold_start, "strategy": strategy}
+
+
 @pytest.mark.slow  # two Ray Train runs (pretext + segmenter): about 1-2 min quiet, 6 min at load 25 on 2 cores
 def test_urds_cold_start_in_run(ray_session, tmp_path):
     from raylearn.loop import run_experiment
 
-    data = {**CFG, "output_dir": str(tmp_path / "run"), "data": {**CFG["data"], "store": str(tmp_path / "store")}}
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(_tiny(tmp_path, CFG["cold_start"], CFG["strategy"])))
     res = run_experiment(load_experiment(tmp_path / "exp.yaml"), progress=False)
     assert [r["round"] for r in res.rounds] == [0, 1]
     assert len(res.rounds[0]["selected"]) == 2
@@ -47,11 +52,6 @@ SAM_SMALL = {"random_weights": True, "img_size": 64, "encoder_depth": 1, "points
 CSAL_SMALL = CFG["cold_start"]["params"]["extractor"]
 
 
-def _tiny(tmp_path, cold_start: dict, strategy: dict) -> dict:
-    return {**CFG, "output_dir": str(tmp_path / "run"), "data": {**CFG["data"], "store": str(tmp_path / "store")},
-            "cold_start": cold_start, "strategy": strategy}
-
-
 @pytest.mark.slow  # SAM (random weights, 64 px) over the pool, then 2 strategies x 2 rounds: about 2 min quiet
 def test_gscu_cold_start_in_compare(ray_session, tmp_path):
     """``cold_start: gscu`` at round 0 of ``raylearn compare``: SUGFW's extractor runs on the pool before round 0,
@@ -59,13 +59,12 @@ def test_gscu_cold_start_in_compare(ray_session, tmp_path):
     from raylearn.compare import compare
     from raylearn.config import parse_config
     from raylearn.experiment import ExperimentConfig
+    from raylearn.ledger import Ledger
 
     cold = {"strategy": "gscu", "size": 2, "params": {"extractor": SAM_SMALL}}
     base = parse_config(_tiny(tmp_path, cold, {"name": "gscu"}), ExperimentConfig, source="test")
     res = compare(base, ["gscu", "random"], [0], tmp_path / "cmp")
     assert {r["strategy"] for r in res["rows"]} == {"gscu", "random"}
-    from raylearn.ledger import Ledger
-
     runs = {s: Ledger(tmp_path / "cmp" / s / "seed_0" / "ledger.jsonl", readonly=True).rounds()
             for s in ("gscu", "random")}
     assert all([r["round"] for r in rounds] == [0, 1] for rounds in runs.values())
