@@ -15,7 +15,8 @@ Fault tolerance: shard actors run with Ray ``max_restarts`` / ``max_task_retries
 re-opens the store from its constructor arguments, and every scoring call carries the ids the shard is
 responsible for *now* (the driver remembers removals), so an interrupted call that Ray retries on the
 restarted actor re-loads exactly the right cases. A shard that stays dead has its cases balanced onto the
-survivors (or a replacement actor). The driver checks that a round covers every pool case exactly once.
+survivors (or a replacement actor): :mod:`raylearn.pool_recovery`. The driver checks that a round covers every
+pool case exactly once.
 
 Case hook: ``ShardedPool(..., case_hook=fn)`` runs ``fn(shard_index, position, case_id)`` inside the shard
 process after each case is scored. It is the one place to observe a round from within (progress, timing)
@@ -34,6 +35,7 @@ import ray
 from tqdm.auto import tqdm
 
 from raylearn.experiment import PoolConfig
+from raylearn.pool_recovery import ACTOR_ERRORS, NodeLost, ShardRecovery
 from raylearn.pool_shard import CaseHook, PoolShard
 from raylearn.pool_support import (
     MAX_ELEMENTS_PER_CASE,
@@ -50,16 +52,7 @@ __all__ = ["PoolConfig", "PoolError", "PoolShard", "ShardedPool", "balance", "MA
 
 log = logging.getLogger(__name__)
 
-# ActorUnschedulableError: a shard pinned to a node that is gone cannot be restarted (its cases move)
-_ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                 ray.exceptions.ActorUnschedulableError)
-
-
-class _NodeLost(RuntimeError):
-    """A shard's node left the cluster while the driver waited on the shard."""
-
-
-class ShardedPool:
+class ShardedPool(ShardRecovery):
     """Driver side of the sharded pool: creates the shard actors, scores rounds, tracks labelled cases.
 
     Args:
@@ -160,7 +153,7 @@ class ShardedPool:
         self._assign = dict(zip(index, self._take(ids, len(index)), strict=True))
         try:
             ray.get([self._actors[i].hold.remote(self._assign[i]) for i in index])
-        except _ACTOR_ERRORS as err:
+        except ACTOR_ERRORS as err:
             raise PoolError(f"reset: a shard is unavailable ({str(err).splitlines()[0]})") from None
         self.last_stats = {}
 
@@ -214,7 +207,7 @@ class ShardedPool:
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=3 * self.config.node_check_s)
         try:
             ray.get(ready)
-        except _ACTOR_ERRORS as err:  # the driver's record wins; the next score call re-syncs the shard
+        except ACTOR_ERRORS as err:  # the driver's record wins; the next score call re-syncs the shard
             log.warning("pool: a shard was unavailable during removal (%s); it re-syncs on the next score", err)
 
     def shards_state(self) -> list[dict[str, Any]]:
@@ -222,12 +215,12 @@ class ShardedPool:
         refs = {i: a.state.remote() for i, a in self._actors.items()}
         try:
             got = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-        except _ACTOR_ERRORS:  # some shard is down: ask each one separately to tell which
+        except ACTOR_ERRORS:  # some shard is down: ask each one separately to tell which
             got = {}
             for i, ref in refs.items():
                 try:
                     got[i] = ray.get(ref)
-                except _ACTOR_ERRORS as err:
+                except ACTOR_ERRORS as err:
                     got[i] = {"shard": i, "alive": False, "error": str(err).splitlines()[0], "ids": []}
         out = []
         for i in refs:
@@ -295,7 +288,7 @@ class ShardedPool:
                         self._lost_refs.discard(done[0])
                         self._raise_lost(i)
                     res = ray.get(done[0])
-                except _ACTOR_ERRORS + (_NodeLost,) as err:
+                except ACTOR_ERRORS + (NodeLost,) as err:
                     moved += 1
                     if moved > self.config.max_redistributions:
                         raise PoolError(f"shard {i} lost for good and {moved - 1} redistribution(s) already "
@@ -333,22 +326,6 @@ class ShardedPool:
         return [(index[j], [ids[k] for k in members])
                 for j, members in enumerate(balance(sizes, len(index))) if members]
 
-    def _run_spread(self, method: str, args: tuple, ids: Sequence[str]) -> list[Any]:
-        """Call ``method(*args, chunk)`` on the shards over ``ids`` and gather the results; a chunk whose shard
-        dies (or whose node leaves) is re-run on the live shards, the dead shard's pool cases moved to them."""
-        out: list[Any] = []
-        todo = [(i, getattr(self._actors[i], method).remote(*args, chunk), chunk) for i, chunk in self._spread(ids)]
-        for i, ref, chunk in todo:
-            try:
-                out.append(self._get_watching_nodes(ref, i))
-            except _ACTOR_ERRORS + (_NodeLost,) as err:
-                log.warning("pool: shard %d lost during %s (%s); re-running %d case(s)", i, method,
-                            str(err).splitlines()[0], len(chunk))
-                if i in self._actors:
-                    self._replace(i, [])
-                out.extend(self._run_spread(method, args, chunk))
-        return out
-
     def submit_evaluate(self, segmenter: Any, ids: Sequence[str], metric_kw: Mapping[str, Any] | None = None,
                         segmenter_cls: str | type | None = None) -> list[Any]:
         """Queue test-split evaluation on the shards (non-blocking); pass the refs to :meth:`collect_evaluate`.
@@ -368,7 +345,7 @@ class ShardedPool:
         for ref, chunk, i in pending:
             try:
                 rows.extend(self._get_watching_nodes(ref, i))
-            except _ACTOR_ERRORS + (_NodeLost,) as err:
+            except ACTOR_ERRORS + (NodeLost,) as err:
                 if segmenter is None:
                     raise
                 log.warning("pool: shard %d lost during evaluation (%s); re-running %d case(s)", i,
@@ -407,52 +384,6 @@ class ShardedPool:
             for k, cid in enumerate(res["ids"]):
                 out[cid] = {name: col[k] for name, col in res["features"].items()}
         return out
-
-    # -- lost nodes -------------------------------------------------------------------------------
-    def _on_lost_nodes(self, busy: Mapping[Any, int]) -> list[Any]:
-        """Refs in ``busy`` (ref -> shard) whose shard sits on a node that left the cluster. Ray would restart
-        such a shard elsewhere only if some node has room, and a call waits on that restart; the driver moves
-        those cases to live shards instead (a late result of the lost call is never read: exactly once)."""
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        lost = [ref for ref, i in busy.items() if self._nodes.get(i) and self._nodes[i] not in alive]
-        for ref in lost:
-            log.warning("pool: shard %d's node %s left the cluster", busy[ref], self._nodes[busy[ref]][:8])
-            self._lost_refs.add(ref)
-        return lost
-
-    def _raise_lost(self, i: int) -> Any:
-        raise _NodeLost(f"shard {i}'s node {self._nodes.get(i, '?')[:8]} left the cluster")
-
-    def _get_watching_nodes(self, ref: Any, owner: int) -> Any:
-        """``ray.get(ref)`` of shard ``owner``'s call, raising :class:`_NodeLost` when its node leaves meanwhile."""
-        while True:
-            done, _ = ray.wait([ref], timeout=self.config.node_check_s)
-            if done:
-                return ray.get(ref)
-            if self._on_lost_nodes({ref: owner}):
-                self._lost_refs.discard(ref)
-                self._raise_lost(owner)
-
-    def _replace(self, dead: int, ids: Sequence[str]) -> dict[int, list[str]]:
-        """Move a dead shard's cases onto the survivors (or a fresh actor); return who re-scores ``ids``."""
-        if dead in self._actors:
-            lost = self._assign.pop(dead)
-            ray.kill(self._actors.pop(dead), no_restart=True)
-            survivors = sorted(self._actors)
-            if survivors:
-                loads = [sum(self._sizes[c] for c in self._assign[j]) for j in survivors]
-                for j, members in zip(survivors, balance([self._sizes[c] for c in lost], len(survivors), loads),
-                                      strict=True):
-                    self._assign[j].extend(lost[k] for k in members)
-            else:
-                j = self._spawn(lost)
-                self._pids[j] = -1
-        owner = {c: j for j, held in self._assign.items() for c in held}
-        groups: dict[int, list[str]] = {}
-        for c in ids:
-            if c in owner:  # a case labelled meanwhile is no longer owned and needs no score
-                groups.setdefault(owner[c], []).append(c)
-        return groups
 
     def shutdown(self) -> None:
         """Kill the shard actors (idempotent)."""

@@ -18,6 +18,10 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd_hippocampus"
+#: SUGFW's SAM extractor at its smallest: random weights (nothing is downloaded), 64 px, one encoder block, one
+#: slice per volume (the extractor, cold-start loop and sharded extraction tests)
+SAM_SMALL = {"random_weights": True, "img_size": 64, "encoder_depth": 1, "points_per_side": 2, "max_slices": 1,
+             "n_aug": 2}
 
 
 @pytest.fixture(scope="session")

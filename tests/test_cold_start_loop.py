@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from raylearn.experiment import load_experiment
+from tests.conftest import SAM_SMALL
 
 CFG = {
     "name": "coldstart", "seed": 1,
@@ -47,8 +48,6 @@ def test_urds_cold_start_in_run(ray_session, tmp_path):
     assert meta["n_cases"] == 8 and meta["settings"]["steps"] == 2
 
 
-SAM_SMALL = {"random_weights": True, "img_size": 64, "encoder_depth": 1, "points_per_side": 2, "max_slices": 1,
-             "n_aug": 2}
 CSAL_SMALL = CFG["cold_start"]["params"]["extractor"]
 
 

@@ -9,10 +9,9 @@ import pytest
 from raylearn.experiment import PoolConfig
 from raylearn.extract import FeatureCache, extractor_records, split_features
 from raylearn.models.extractors import parse_params
+from tests.conftest import SAM_SMALL
 
 CSAL = {"patch": 16, "channels": (4, 8, 8), "steps": 2, "batch_size": 1, "embed_dim": 8}
-SUGFW = {"random_weights": True, "img_size": 64, "encoder_depth": 1, "points_per_side": 2, "max_slices": 1,
-         "n_aug": 2}
 NAMES = ["csal3d_embedding", "csal3d_uncertainty", "sugfw_embedding", "sugfw_uncertainty"]
 
 
@@ -47,7 +46,7 @@ def test_extractor_stage_on_the_pool_and_cache(ray_session, store, tmp_path):
     from raylearn.pool import ShardedPool
 
     ids = sorted(store.case_ids("pool"))
-    settings = {"csal3d": CSAL, "sugfw": SUGFW}
+    settings = {"csal3d": CSAL, "sugfw": SAM_SMALL}
     pool = ShardedPool(store, n_shards=2, config=PoolConfig(num_cpus=0.5, torch_threads=1, progress=False))
     try:
         first = extractor_records(pool, store, NAMES, settings, ids[:2], str(tmp_path / "train"))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from raylearn.models.sam2d import SugfwParams, load_sam, sam_blob, union_mask, volume_features
+from tests.conftest import SAM_SMALL
 
-SMALL = {"random_weights": True, "img_size": 64, "encoder_depth": 1, "points_per_side": 2, "max_slices": 2,
-         "n_aug": 2}
+SMALL = {**SAM_SMALL, "max_slices": 2}
 
 
 def test_params_and_checkpoint_errors_name_the_key(tmp_path):
