@@ -18,7 +18,9 @@ Paper figures for reference (2D, other data): ACDC 10 % labels 81.43 vs random 7
 Usage (run it alone on the machine; the lead schedules the full run)::
 
     python benchmarks/sbc_al.py [--strategies sbc,random,least_confidence] [--seeds 3] [--cold 8] [--rounds 3]
-        [--batch 4] [--first-steps 300] [--steps 200] [--beta 2.0] [--gamma 0.5] [--out runs/bench_sbc]
+        [--batch 4] [--first-steps 300] [--steps 200] [--beta 2.0] [--gamma 0.5] [--head-resolution full|half]
+        [--out runs/bench_sbc]
+    # the run of benchmarks/results/sbc_al.json (86 min alone): python benchmarks/sbc_al.py --head-resolution half
     python benchmarks/sbc_al.py --quick   # phantom smoke run; writes runs/bench_sbc_quick/sbc_al_quick.json only
 """
 
