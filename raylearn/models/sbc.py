@@ -162,9 +162,10 @@ class SBCLoss(nn.Module):
 
     ``forward(outputs, y)`` with ``outputs = (coarse [B,K,...], sfp [B,K-1,...], refined [B,K,...])`` and integer
     labels ``y [B, 1, ...]``; a plain logits tensor (a model in eval mode) gets the segmentation term only.
+    The weights have no defaults here: ``model.sbc`` (:class:`raylearn.models.config.SBCConfig`) holds them.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
+    def __init__(self, alpha: float, beta: float, gamma: float) -> None:
         super().__init__()
         from monai.losses import DiceCELoss
 
